@@ -1,0 +1,206 @@
+"""Chunked preparation: plan record ranges, write each range's shards independently, then merge.
+
+``plan_chunks`` → ``write_chunk`` (one per chunk, in any order or process; this is what a Parsl app
+calls) → ``finalize``. ``prepare`` runs the three serially. A chunk's outputs are
+
+    shards/{chunk_id}-{split}-{k}.h5        HDF5 shards (see ``data_prep.shards``)
+    parts/{chunk_id}.quarantine.jsonl       its rejected records
+    parts/{chunk_id}.json                   summary: settings fingerprint, shards with sha256, statistics
+
+and a chunk whose summary matches the settings and whose shards verify is skipped on rerun.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from data_prep import manifest
+from data_prep.config import DataConfig
+from data_prep.readers import count_records, detect_format, read_records
+from data_prep.shards import sha256, write_shard
+from data_prep.split import split_of
+from data_prep.validate import Record, Rejected, StrictModeError, check
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """Records ``start <= position < stop`` of one source file."""
+
+    source: str
+    format: str
+    start: int
+    stop: int
+
+    @property
+    def chunk_id(self) -> str:
+        stem = re.sub(r"[^A-Za-z0-9_-]", "_", Path(self.source).name.split(".")[0])
+        where = hashlib.blake2b(str(Path(self.source).resolve()).encode(), digest_size=4).hexdigest()
+        return f"{stem}-{where}-{self.start:09d}"
+
+
+@dataclass
+class ChunkResult:
+    """What a chunk wrote; ``reused`` is True when verified outputs from an earlier run were kept."""
+
+    chunk: Chunk
+    shards: list[dict]
+    n_structures: int
+    n_rejected: int
+    stats: dict = field(repr=False)
+    reused: bool = False
+
+
+def plan_chunks(config: DataConfig) -> list[Chunk]:
+    """Split each source into record ranges of ``shard_size``: a chunk writes at most one shard per split."""
+    if len(set(config.sources)) != len(config.sources):
+        raise ValueError("a source file is listed twice")
+    chunks = []
+    for source in config.sources:
+        if not Path(source).exists():
+            raise FileNotFoundError(f"input file not found: {source}")
+        fmt = detect_format(Path(source), config.format)
+        n = count_records(Path(source), fmt)
+        for start in range(0, n, config.shard_size):
+            chunks.append(Chunk(str(source), fmt, start, min(start + config.shard_size, n)))
+    return chunks
+
+
+def _paths(chunk: Chunk, out_dir: Path) -> tuple[Path, Path]:
+    parts = Path(out_dir) / "parts"
+    return parts / f"{chunk.chunk_id}.json", parts / f"{chunk.chunk_id}.quarantine.jsonl"
+
+
+def _reusable(chunk: Chunk, config: DataConfig, out_dir: Path) -> ChunkResult | None:
+    summary_path, quarantine_path = _paths(chunk, out_dir)
+    if not (summary_path.exists() and quarantine_path.exists()):
+        return None
+    try:
+        summary = json.loads(summary_path.read_text())
+    except json.JSONDecodeError:
+        return None
+    if summary.get("fingerprint") != config.fingerprint() or summary.get("chunk") != asdict(chunk):
+        return None
+    for entry in summary["shards"]:
+        path = Path(out_dir) / entry["file"]
+        if not path.exists() or sha256(path) != entry["sha256"]:
+            return None
+    return ChunkResult(
+        chunk,
+        summary["shards"],
+        summary["n_structures"],
+        summary["n_rejected"],
+        summary["stats"],
+        reused=True,
+    )
+
+
+def _validated(chunk: Chunk, config: DataConfig) -> Iterator[Record | tuple[int | str, Rejected]]:
+    for index, atoms in read_records(Path(chunk.source), chunk.format, chunk.start, chunk.stop):
+        try:
+            if isinstance(atoms, Exception):
+                raise Rejected("record", f"malformed: {atoms}")
+            yield check(atoms, chunk.source, index, config)
+        except Rejected as rejected:
+            if config.strict:
+                raise StrictModeError(chunk.source, index, rejected) from None
+            yield index, rejected
+
+
+def write_chunk(chunk: Chunk, config: DataConfig, out_dir: Path) -> ChunkResult:
+    """Validate, graph and shard one chunk; skipped when its earlier outputs verify."""
+    out_dir = Path(out_dir)
+    reused = _reusable(chunk, config, out_dir)
+    if reused is not None:
+        return reused
+    (out_dir / "shards").mkdir(parents=True, exist_ok=True)
+    (out_dir / "parts").mkdir(parents=True, exist_ok=True)
+    summary_path, quarantine_path = _paths(chunk, out_dir)
+    summary_path.unlink(missing_ok=True)
+    for stale in (out_dir / "shards").glob(f"{chunk.chunk_id}-*"):  # old shards and .tmp leftovers
+        stale.unlink()
+
+    by_split: dict[str, list[Record]] = {"train": [], "val": []}
+    rejected = []
+    for item in _validated(chunk, config):
+        if isinstance(item, Record):
+            by_split[split_of(chunk.source, item.index, config.val_fraction)].append(item)
+        else:
+            index, reason = item
+            rejected.append(
+                {"source": chunk.source, "index": index, "reason": str(reason), "field": reason.field}
+            )
+
+    shards = []
+    for split, records in by_split.items():
+        for k in range(0, len(records), config.shard_size):
+            path = out_dir / "shards" / f"{chunk.chunk_id}-{split}-{k // config.shard_size:03d}.h5"
+            entry = write_shard(path, records[k : k + config.shard_size], split, chunk.source, config.cutoff)
+            shards.append({**entry, "file": f"shards/{path.name}"})
+    stats = manifest.chunk_stats((r, split) for split, records in by_split.items() for r in records)
+    tmp = quarantine_path.with_name(quarantine_path.name + ".tmp")
+    tmp.write_text("".join(json.dumps(line) + "\n" for line in rejected))
+    tmp.replace(quarantine_path)
+    n_structures = sum(len(records) for records in by_split.values())
+    summary = {
+        "chunk": asdict(chunk),
+        "fingerprint": config.fingerprint(),
+        "shards": shards,
+        "n_structures": n_structures,
+        "n_rejected": len(rejected),
+        "stats": stats,
+    }
+    manifest.write_json(summary_path, summary)
+    return ChunkResult(chunk, shards, n_structures, len(rejected), json.loads(json.dumps(stats)))
+
+
+def finalize(out_dir: Path, config: DataConfig, results: list[ChunkResult]) -> dict:
+    """Merge the chunks' quarantine parts and statistics; write ``quarantine.jsonl`` and ``manifest.json``."""
+    out_dir = Path(out_dir)
+    results = sorted(results, key=lambda r: (str(r.chunk.source), r.chunk.start))
+    lines = [_paths(r.chunk, out_dir)[1].read_text() for r in results]
+    tmp = out_dir / "quarantine.jsonl.tmp"
+    tmp.write_text("".join(lines))
+    tmp.replace(out_dir / "quarantine.jsonl")
+    settings = {
+        "cutoff": config.cutoff,
+        "three_body_cutoff": config.three_body_cutoff,
+        "min_distance": config.min_distance,
+        "val_fraction": config.val_fraction,
+        "shard_size": config.shard_size,
+        "fingerprint": config.fingerprint(),
+    }
+    shards = [entry for r in results for entry in r.shards]
+    stats = manifest.merge_stats([r.stats for r in results])
+    data = manifest.build(
+        settings, shards, stats, sum(r.n_rejected for r in results), [str(s) for s in config.sources]
+    )
+    manifest.write_json(out_dir / "manifest.json", data)
+    return data
+
+
+def prepare(config: DataConfig, out_dir: Path) -> dict:
+    """Plan, write every chunk and finalize, serially; returns the manifest."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    return finalize(out_dir, config, [write_chunk(c, config, out_dir) for c in plan_chunks(config)])
+
+
+def is_complete(out_dir: Path) -> bool:
+    """True when ``manifest.json`` exists and every shard it lists verifies against its sha256."""
+    path = Path(out_dir) / "manifest.json"
+    if not path.exists():
+        return False
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError:
+        return False
+    for entry in data.get("shards", []):
+        shard = Path(out_dir) / entry["file"]
+        if not shard.exists() or sha256(shard) != entry["sha256"]:
+            return False
+    return "shards" in data

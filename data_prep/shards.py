@@ -1,0 +1,140 @@
+"""HDF5 shards: many structures per file, ragged arrays concatenated and indexed by offsets.
+
+Schema version 1 (file attributes: ``schema_version``, ``split`` ("train"/"val"), ``source`` (input path),
+``index_type`` ("int"/"str"), ``tasks`` (JSON list of the task names used in this shard), ``cutoff``,
+``n_structures``, ``n_atoms``, ``n_edges``). Datasets, for ``n`` structures, ``N`` atoms, ``E`` edges:
+
+    atom_offset (n+1,) int64     structure k owns atoms atom_offset[k]:atom_offset[k+1]
+    edge_offset (n+1,) int64     and edges edge_offset[k]:edge_offset[k+1]
+    numbers (N,) uint8, positions (N, 3) f8 Å, forces (N, 3) f8 eV/Å, magmoms (N,) f8 μB
+    edge_index (E, 2) int32      centre i, neighbour j, local to the structure
+    edge_shift (E, 3) int32      cell shift of j: bond = pos[j] + shift @ cell - pos[i]
+    cell (n, 3, 3) f8, pbc (n, 3) bool, energy (n,) f8 eV, stress (n, 3, 3) f8 eV/Å³ (ASE sign),
+    has_stress (n,) bool, has_magmoms (n,) bool (absent labels are stored as zeros),
+    task (n,) int32 index into the shard's ``tasks`` attribute (the manifest's global task list is only
+    known after all chunks finish, so readers map local to global indices), charge (n,) f8,
+    spin (n,) f8 multiplicity, record_id (n,) str: the record's id in ``source``.
+
+Arrays are chunked along the first axis and lzf-compressed (fast to decompress for random reads).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from data_prep.validate import Record
+
+SCHEMA_VERSION = 1
+CHUNK_ROWS = {"structure": 1024, "atom": 4096, "edge": 16384}
+
+
+def sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _put(f: h5py.File, name: str, data: np.ndarray, kind: str) -> None:
+    if len(data) == 0:
+        f.create_dataset(name, data=data)
+        return
+    chunks = (min(len(data), CHUNK_ROWS[kind]), *data.shape[1:])
+    f.create_dataset(name, data=data, chunks=chunks, compression="lzf")
+
+
+def write_shard(path: Path, records: Sequence[Record], split: str, source: str, cutoff: float) -> dict:
+    """Write ``records`` to ``path`` atomically (temp file + ``os.replace``); return its manifest entry."""
+    tasks = sorted({r.task for r in records})
+    n_atoms = np.array([len(r.numbers) for r in records], dtype=np.int64)
+    n_edges = np.array([r.edge_index.shape[1] for r in records], dtype=np.int64)
+    zeros3 = np.zeros((3, 3))
+    tmp = path.with_name(path.name + ".tmp")
+    with h5py.File(tmp, "w") as f:
+        f.attrs.update(
+            schema_version=SCHEMA_VERSION,
+            split=split,
+            source=source,
+            index_type="int" if all(isinstance(r.index, int) for r in records) else "str",
+            tasks=json.dumps(tasks),
+            cutoff=cutoff,
+            n_structures=len(records),
+            n_atoms=int(n_atoms.sum()),
+            n_edges=int(n_edges.sum()),
+        )
+        _put(f, "atom_offset", np.concatenate([[0], np.cumsum(n_atoms)]), "structure")
+        _put(f, "edge_offset", np.concatenate([[0], np.cumsum(n_edges)]), "structure")
+        _put(f, "numbers", np.concatenate([r.numbers for r in records]).astype(np.uint8), "atom")
+        _put(f, "positions", np.concatenate([r.positions for r in records]), "atom")
+        _put(f, "forces", np.concatenate([r.forces for r in records]), "atom")
+        magmoms = [r.magmoms if r.magmoms is not None else np.zeros(len(r.numbers)) for r in records]
+        _put(f, "magmoms", np.concatenate(magmoms), "atom")
+        _put(f, "edge_index", np.concatenate([r.edge_index.T for r in records]).astype(np.int32), "edge")
+        _put(f, "edge_shift", np.concatenate([r.edge_shift for r in records]).astype(np.int32), "edge")
+        _put(f, "cell", np.stack([r.cell for r in records]), "structure")
+        _put(f, "pbc", np.stack([r.pbc for r in records]), "structure")
+        _put(f, "energy", np.array([r.energy for r in records]), "structure")
+        _put(
+            f,
+            "stress",
+            np.stack([r.stress if r.stress is not None else zeros3 for r in records]),
+            "structure",
+        )
+        _put(f, "has_stress", np.array([r.stress is not None for r in records]), "structure")
+        _put(f, "has_magmoms", np.array([r.magmoms is not None for r in records]), "structure")
+        _put(f, "task", np.array([tasks.index(r.task) for r in records], dtype=np.int32), "structure")
+        _put(f, "charge", np.array([r.charge for r in records]), "structure")
+        _put(f, "spin", np.array([r.spin for r in records]), "structure")
+        ids = np.array([str(r.index) for r in records], dtype=h5py.string_dtype())
+        _put(f, "record_id", ids, "structure")
+    os.replace(tmp, path)
+    return {
+        "file": path.name,
+        "split": split,
+        "n_structures": len(records),
+        "n_atoms": int(n_atoms.sum()),
+        "n_edges": int(n_edges.sum()),
+        "sha256": sha256(path),
+    }
+
+
+def read_index(path: Path) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Atom offsets, edge offsets and local task names: all a loader needs before reading records."""
+    with h5py.File(path, "r") as f:
+        check_schema(f)
+        return f["atom_offset"][:], f["edge_offset"][:], json.loads(f.attrs["tasks"])
+
+
+def check_schema(f: h5py.File) -> None:
+    version = int(f.attrs.get("schema_version", -1))
+    if version != SCHEMA_VERSION:
+        raise ValueError(f"{f.filename}: shard schema version {version}, this code reads {SCHEMA_VERSION}")
+
+
+def load(path: Path) -> tuple[dict[str, np.ndarray], dict]:
+    """Every dataset of a shard in memory, and its attributes (for sequential reads)."""
+    with h5py.File(path, "r") as f:
+        check_schema(f)
+        arrays = {name: f[name].asstr()[:] if name == "record_id" else f[name][:] for name in f}
+        attrs = dict(f.attrs)
+    attrs["tasks"] = json.loads(attrs["tasks"])
+    return arrays, attrs
+
+
+def structure(arrays, k: int, atom_offset: np.ndarray, edge_offset: np.ndarray) -> dict[str, np.ndarray]:
+    """Arrays of structure ``k`` from an open ``h5py.File`` (reads only this record) or ``load``'s dict."""
+    a0, a1 = int(atom_offset[k]), int(atom_offset[k + 1])
+    e0, e1 = int(edge_offset[k]), int(edge_offset[k + 1])
+    out = {name: arrays[name][a0:a1] for name in ("numbers", "positions", "forces", "magmoms")}
+    out.update({name: arrays[name][e0:e1] for name in ("edge_index", "edge_shift")})
+    for name in ("cell", "pbc", "energy", "stress", "has_stress", "has_magmoms", "task", "charge", "spin"):
+        out[name] = arrays[name][k]
+    return out

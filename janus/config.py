@@ -1,0 +1,83 @@
+"""Configuration of one training job: model choice, optimisation, parallel layout, where data and outputs live.
+
+`python -m janus.train --config FILE` reads a YAML file of this shape; the Parsl workflow writes it from the
+run config, so both share these classes.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from matris.config import LossConfig
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelChoice(Strict):
+    """A named preset plus field overrides, resolved to a full `matris.ModelConfig` once tasks are known."""
+
+    preset: str = "tiny"
+    overrides: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("preset")
+    @classmethod
+    def _known_preset(cls, value: str) -> str:
+        from matris.config import PRESETS
+
+        if value not in PRESETS:
+            raise ValueError(f"unknown model preset {value!r}; choose one of {', '.join(PRESETS)}")
+        return value
+
+
+class ParallelConfig(Strict):
+    """Sizes of the (dp, graph, expert) device mesh; their product is the number of training ranks."""
+
+    dp: int = Field(1, ge=1)
+    graph: int = Field(1, ge=1)
+    expert: int = Field(1, ge=1)
+
+    @property
+    def world_size(self) -> int:
+        return self.dp * self.graph * self.expert
+
+
+class TrainConfig(Strict):
+    steps: int = Field(200, ge=1)
+    seed: int = 0
+    lr: float = Field(2e-3, gt=0, description="peak learning rate at the reference batch size")
+    lr_reference_atoms: int = Field(
+        512, ge=1, description="learning rate scales with sqrt(max_atoms_per_batch / this)"
+    )
+    warmup_steps: int = Field(10, ge=0)
+    min_lr_ratio: float = Field(0.05, ge=0, le=1)
+    weight_decay: float = Field(1e-3, ge=0)
+    grad_clip: float = Field(10.0, gt=0)
+    ema_decay: float | None = Field(None, gt=0, lt=1)
+    max_atoms_per_batch: int = Field(512, ge=1, description="global batch budget, split over ranks")
+    max_edges_per_batch: int | None = Field(None, ge=1)
+    checkpoint_every: int = Field(25, ge=1)
+    keep_checkpoints: int = Field(2, ge=1)
+    dtype: Literal["float32", "float64"] = "float32"
+    sleep_per_step_s: float = Field(0.0, ge=0, description="injected delay (scaling-regression tests)")
+
+
+class JanusConfig(Strict):
+    model: ModelChoice = Field(default_factory=ModelChoice)
+    loss: LossConfig = Field(default_factory=LossConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    parallel: ParallelConfig = Field(default_factory=ParallelConfig)
+    data_dir: Path
+    out_dir: Path
+
+    @model_validator(mode="after")
+    def _checkpoint_within_run(self) -> JanusConfig:
+        if self.train.warmup_steps >= self.train.steps and self.train.steps > 1:
+            raise ValueError(
+                f"train.warmup_steps ({self.train.warmup_steps}) must be below train.steps ({self.train.steps})"
+            )
+        return self

@@ -1,0 +1,111 @@
+"""Model and loss configuration, with the published model sizes as presets.
+
+Parameter budget of one interaction block (d = ``dim``, h = ``expert_hidden``, E experts, K of them
+active, S shared): attention and bond refinement ≈ 17 d², plus two MoE layers (message construction and
+feature update) of 2 · 3 d h (E + S) parameters in total, 2 · 3 d h (K + S) active. Six blocks, all MoE:
+
+| preset | d    | h    | E  | K  | S | total (paper)    | active (paper)   |
+| ------ | ---- | ---- | -- | -- | - | ---------------- | ---------------- |
+| moe-s  | 768  | 1152 | 32 | 4  | 0 | 1.081 B (1.09 B) | 0.189 B (0.19 B) |
+| moe-m  | 1152 | 1152 | 48 | 8  | 1 | 2.480 B (2.47 B) | 0.569 B (0.56 B) |
+| moe-l  | 1024 | 4800 | 64 | 16 | 0 | 11.43 B (11.5 B) | 2.941 B (2.89 B) |
+
+The expert count sets the total/active ratio (≈ (E + S) / (K + S) once attention is small) and the
+widths then set the active size; ``tests/test_matris.py`` checks the counts on the meta device within 3 %.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, model_validator
+
+
+class ModelConfig(BaseModel):
+    """Architecture of a MatRIS(-MoE) model; ``tasks`` is the task vocabulary (set from the data manifest)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    preset: str = "custom"
+    dim: int = 128  # atom and bond feature width
+    num_blocks: int = 6
+    num_heads: int = 8
+    num_radial: int = 7
+    num_angular: int = 7  # Legendre polynomials P_0..P_6 of the bond angle
+    cutoff: float = 6.0
+    three_body_cutoff: float = 4.0
+    score_cap: float = 5.0  # attention scores are soft-capped to ±score_cap
+    mlp_hidden: int = 256  # hidden width of the gated MLPs of dense blocks
+    moe_blocks: list[int] = []  # indices of blocks whose two feed-forward layers are MoE
+    num_experts: int = 1
+    top_k: int = 1
+    num_shared_experts: int = 0
+    expert_hidden: int = 256
+    tasks: list[str] = ["default"]
+    max_z: int = 118
+    magmom_head: bool = False
+
+    @model_validator(mode="after")
+    def _check(self) -> ModelConfig:
+        if self.dim % self.num_heads:
+            raise ValueError(f"dim {self.dim} is not divisible by num_heads {self.num_heads}")
+        if not 0 < self.three_body_cutoff <= self.cutoff:
+            raise ValueError("three_body_cutoff must lie in (0, cutoff]")
+        if not 1 <= self.top_k <= self.num_experts:
+            raise ValueError(f"top_k {self.top_k} must lie in [1, num_experts={self.num_experts}]")
+        if any(not 0 <= i < self.num_blocks for i in self.moe_blocks):
+            raise ValueError(f"moe_blocks {self.moe_blocks} outside [0, {self.num_blocks})")
+        if not self.tasks or len(set(self.tasks)) != len(self.tasks):
+            raise ValueError(f"tasks must be a non-empty list of unique names, got {self.tasks}")
+        return self
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides: Any) -> ModelConfig:
+        if name not in PRESETS:
+            raise ValueError(f"unknown model preset {name!r}; allowed: {', '.join(PRESETS)}")
+        return cls(**{**PRESETS[name], "preset": name, **overrides})
+
+
+def _moe(dim: int, hidden: int, experts: int, top_k: int, shared: int) -> dict[str, Any]:
+    return dict(
+        dim=dim,
+        num_heads=16,
+        num_blocks=6,
+        moe_blocks=list(range(6)),
+        num_experts=experts,
+        top_k=top_k,
+        num_shared_experts=shared,
+        expert_hidden=hidden,
+    )
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "tiny": dict(
+        dim=32,
+        num_heads=4,
+        num_blocks=2,
+        moe_blocks=[0, 1],
+        num_experts=4,
+        top_k=2,
+        num_shared_experts=1,
+        expert_hidden=32,
+        num_angular=4,
+    ),
+    "matris-6l": dict(dim=128, num_heads=8, num_blocks=6, mlp_hidden=256),
+    "moe-s": _moe(768, 1152, 32, 4, 0),
+    "moe-m": _moe(1152, 1152, 48, 8, 1),
+    "moe-l": _moe(1024, 4800, 64, 16, 0),
+}
+
+
+class LossConfig(BaseModel):
+    """Weights of the multi-task loss (paper: energy:force:stress:magmom = 5:5:0.1:0.1) and its robustness."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    energy: float = 5.0
+    force: float = 5.0
+    stress: float = 0.1
+    magmom: float = 0.1
+    aux: float = 0.01  # MoE load-balancing
+    outlier_k: float = 3.0  # samples beyond μ + kσ of their task are smoothly down-weighted

@@ -1,0 +1,97 @@
+"""Neighbour graphs for one structure, built with vesin (compiled cell lists, no Python pair loops).
+
+Shared by data preparation (graphs stored in HDF5 shards) and by the ASE calculator, so training and
+inference see the same edges. Only the two-body graph is built here; the three-body line graph is derived
+from it inside the model (`matris.model.line_graph`), because it depends on the bond lengths and is cheap
+to rebuild from edges, while storing it would multiply shard size by the ~5 triplets per edge.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from vesin import NeighborList
+
+
+@dataclass(frozen=True)
+class StructureGraph:
+    """One structure with its two-body graph and labels, as numpy arrays (the collate input).
+
+    Edges are directed: ``edge_index[0]`` is the centre atom i, ``edge_index[1]`` the neighbour j, and the
+    bond vector is ``positions[j] + edge_shift @ cell - positions[i]``. Labels are in ASE units (eV, eV/Å,
+    eV/Å³ with ASE's sign); ``None`` means the label is absent (molecules have no stress).
+    """
+
+    atomic_numbers: np.ndarray  # (n,) int64
+    positions: np.ndarray  # (n, 3) float64, Å
+    cell: np.ndarray  # (3, 3) float64, Å (zeros for a non-periodic structure)
+    pbc: np.ndarray  # (3,) bool
+    edge_index: np.ndarray  # (2, e) int64
+    edge_shift: np.ndarray  # (e, 3) int32 cell shifts of the neighbour
+    task: int = 0
+    charge: float = 0.0
+    spin: float = 1.0  # multiplicity
+    energy: float | None = None
+    forces: np.ndarray | None = None  # (n, 3)
+    stress: np.ndarray | None = None  # (3, 3)
+    magmoms: np.ndarray | None = None  # (n,)
+
+    @property
+    def n_atoms(self) -> int:
+        return int(self.atomic_numbers.shape[0])
+
+    @property
+    def n_edges(self) -> int:
+        return int(self.edge_index.shape[1])
+
+
+def neighbor_graph(
+    positions: np.ndarray, cell: np.ndarray, pbc: np.ndarray, cutoff: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """Directed edges (2, e) and integer cell shifts (e, 3) of all pairs closer than ``cutoff``.
+
+    Works for periodic, partly periodic and non-periodic structures; a non-periodic direction with a zero
+    cell vector gets a bounding box large enough that vesin sees no image.
+    """
+    positions = np.ascontiguousarray(positions, dtype=np.float64)
+    cell = np.array(cell, dtype=np.float64).reshape(3, 3)
+    pbc = np.asarray(pbc, dtype=bool).reshape(3)
+    if len(positions) == 0:
+        return np.zeros((2, 0), np.int64), np.zeros((0, 3), np.int32)
+    if not pbc.all():
+        cell = _box_for_open_directions(positions, cell, pbc, cutoff)
+    nl = NeighborList(cutoff=float(cutoff), full_list=True, sorted=True)
+    i, j, shifts = nl.compute(points=positions, box=cell, periodic=pbc, quantities="ijS")
+    edge_index = np.stack([i.astype(np.int64), j.astype(np.int64)])
+    return edge_index, shifts.astype(np.int32)
+
+
+def _box_for_open_directions(positions: np.ndarray, cell: np.ndarray, pbc: np.ndarray, cutoff: float) -> np.ndarray:
+    """Replace the cell vectors of non-periodic directions by a box that encloses every atom with margin."""
+    box = cell.copy()
+    span = positions.max(axis=0) - positions.min(axis=0)
+    for axis in range(3):
+        if not pbc[axis]:
+            vector = np.zeros(3)
+            vector[axis] = span.max() + 2.0 * cutoff + 1.0
+            box[axis] = vector
+    if abs(np.linalg.det(box)) < 1e-8:
+        raise ValueError("cell is singular in its periodic directions")
+    return box
+
+
+def graph_from_atoms(atoms, cutoff: float, task: int = 0) -> StructureGraph:
+    """Build the graph of an ``ase.Atoms`` (no labels); charge and spin come from ``atoms.info``."""
+    edge_index, edge_shift = neighbor_graph(atoms.positions, atoms.cell.array, atoms.pbc, cutoff)
+    return StructureGraph(
+        atomic_numbers=atoms.numbers.astype(np.int64),
+        positions=atoms.positions.astype(np.float64),
+        cell=atoms.cell.array.astype(np.float64),
+        pbc=np.asarray(atoms.pbc, dtype=bool),
+        edge_index=edge_index,
+        edge_shift=edge_shift,
+        task=task,
+        charge=float(atoms.info.get("charge", 0.0)),
+        spin=float(atoms.info.get("spin", 1.0)),
+    )

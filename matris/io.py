@@ -1,0 +1,92 @@
+"""Self-contained model files: one ``.safetensors`` with the config, tasks and metadata in its header.
+
+The header also carries a sha256 of the tensor payload (names, dtypes, shapes and bytes in name order),
+checked at load, so a truncated or altered file is refused instead of silently giving wrong energies.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from pydantic import ValidationError
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from matris.config import ModelConfig
+from matris.model import MatRIS
+
+FORMAT = "matris"
+VERSION = "1"
+
+
+def _digest(tensors: dict[str, torch.Tensor]) -> str:
+    sha = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].contiguous()
+        sha.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        sha.update(t.view(-1).view(torch.uint8).numpy().tobytes())
+    return sha.hexdigest()
+
+
+def save(model: MatRIS, path: str | Path, metadata: dict[str, Any] | None = None) -> Path:
+    """Write weights, buffers and everything needed to rebuild ``model`` to ``path``."""
+    path = Path(path)
+    tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    header = {
+        "format": FORMAT,
+        "version": VERSION,
+        "config": model.config.model_dump_json(),
+        "tasks": json.dumps(model.config.tasks),
+        "reference_energy": json.dumps(model.reference_energy.tolist()),
+        "metadata": json.dumps(metadata or {}),
+        "sha256": _digest(tensors),
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, path, metadata=header)
+    return path
+
+
+def read_header(path: str | Path) -> dict[str, str]:
+    """The string metadata of a model file (config JSON, tasks, version, user metadata, digest)."""
+    with open(path, "rb") as f:
+        size = int.from_bytes(f.read(8), "little")
+        if not 0 < size < 100_000_000:
+            raise ValueError(f"{path} is not a safetensors model file (bad header length)")
+        try:
+            header = json.loads(f.read(size))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(f"{path} is not a safetensors model file (unreadable header)") from e
+    return header.get("__metadata__") or {}
+
+
+def load(path: str | Path, device: str | torch.device = "cpu") -> MatRIS:
+    """Rebuild a model saved by ``save``; refuses foreign, incompatible or corrupted files."""
+    path = Path(path)
+    meta = read_header(path)
+    if meta.get("format") != FORMAT:
+        raise ValueError(f"{path} is not a MatRIS model file (format {meta.get('format')!r})")
+    if meta.get("version") != VERSION:
+        raise ValueError(f"{path} has model file version {meta.get('version')!r}; this code reads {VERSION}")
+    try:
+        config = ModelConfig.model_validate_json(meta["config"])
+        tensors = load_file(path)
+    except (KeyError, ValidationError, SafetensorError) as e:
+        raise ValueError(f"{path} is corrupted or incompatible: {e}") from e
+    if _digest(tensors) != meta.get("sha256"):
+        raise ValueError(f"{path} is corrupted: tensor checksum does not match the header")
+    dtype = next(t.dtype for t in tensors.values() if t.is_floating_point())
+    model = MatRIS(config).to(dtype)
+    try:
+        model.load_state_dict(tensors, strict=True)
+    except RuntimeError as e:
+        raise ValueError(f"{path} does not match its own config: {e}") from e
+    return model.to(device).eval()
+
+
+def metadata(path: str | Path) -> dict[str, Any]:
+    """The user metadata stored by ``save``."""
+    return json.loads(read_header(path).get("metadata", "{}"))

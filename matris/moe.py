@@ -1,0 +1,69 @@
+"""Element-routed mixture of experts: an atom's experts are a learned function of its element only.
+
+The router is a table (max_z + 1, num_experts) of logits; each element takes its top-K experts with softmax
+weights over those K. Tokens are grouped by expert into a zero-padded (num_experts, capacity, dim) tensor
+and all experts run as one ``torch.bmm``. ``torch._grouped_mm`` would avoid the padding, but on CPU it takes
+float32 only and has no double backward, which training needs because the loss differentiates forces.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from matris.layers import GatedMLP
+
+
+class Experts(nn.Module):
+    """Stacked SwiGLU experts, weights (num_experts, in, out); janus shards them along dim 0."""
+
+    def __init__(self, num_experts: int, dim: int, hidden: int):
+        super().__init__()
+        self.w1 = nn.Parameter(torch.empty(num_experts, dim, hidden))
+        self.w3 = nn.Parameter(torch.empty(num_experts, dim, hidden))
+        self.w2 = nn.Parameter(torch.empty(num_experts, hidden, dim))
+        for w in (self.w1, self.w3, self.w2):
+            bound = 1 / math.sqrt(w.shape[1])
+            nn.init.uniform_(w, -bound, bound)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` (num_experts, capacity, dim) → same shape, each expert applied to its own rows."""
+        return torch.bmm(F.silu(torch.bmm(x, self.w1)) * torch.bmm(x, self.w3), self.w2)
+
+
+class MoE(nn.Module):
+    """Routed experts plus always-on shared experts (fused into one dense gated MLP)."""
+
+    def __init__(self, dim: int, hidden: int, num_experts: int, top_k: int, num_shared: int, max_z: int):
+        super().__init__()
+        self.num_experts, self.top_k = num_experts, top_k
+        self.router = nn.Parameter(torch.randn(max_z + 1, num_experts) * 0.01)
+        self.experts = Experts(num_experts, dim, hidden)
+        self.shared = GatedMLP(dim, num_shared * hidden) if num_shared else None
+
+    def route(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Experts (n, K) and their weights (n, K) of atoms with atomic numbers ``z``."""
+        logits, experts = self.router.topk(self.top_k, dim=-1)
+        return experts[z], F.softmax(logits, dim=-1)[z]
+
+    def forward(self, x: torch.Tensor, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Output (n, dim), tokens per expert (E,) and summed router probabilities (E,) for the aux loss."""
+        n, k, e = x.shape[0], self.top_k, self.num_experts
+        experts, weights = self.route(z)
+        flat = experts.flatten()
+        order = torch.argsort(flat, stable=True)
+        counts = torch.bincount(flat, minlength=e)
+        capacity = int(counts.max()) if n else 0
+        ranked = flat[order]
+        slot = ranked * capacity + torch.arange(n * k, device=x.device) - (counts.cumsum(0) - counts)[ranked]
+        token = order // k
+        grouped = x.new_zeros(e * capacity, x.shape[1]).index_copy(0, slot, x[token])
+        out = self.experts(grouped.view(e, capacity, -1)).reshape(e * capacity, -1)[slot]
+        y = x.new_zeros(x.shape).index_add(0, token, out * weights.flatten()[order].unsqueeze(-1))
+        if self.shared is not None:
+            y = y + self.shared(x)
+        probs = F.softmax(self.router, dim=-1)[z].sum(0)
+        return y, counts.to(x.dtype), probs

@@ -1,0 +1,34 @@
+"""Shared fixtures: the project root, a small run config, and a helper that runs `parsl-run`."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# A run small enough for CI: the bundled sample, a tiny model, a few steps.
+SMALL_RUN = [
+    "--set", "train.steps=12",
+    "--set", "train.checkpoint_every=4",
+    "--set", "train.warmup_steps=2",
+    "--set", "train.max_atoms_per_batch=256",
+    "--set", "eval.max_structures_per_task=8",
+]  # fmt: skip
+
+
+def parsl_run(*args: str, cwd: Path = ROOT, timeout: float = 600, **popen) -> subprocess.CompletedProcess:
+    """Run the installed ``parsl-run`` console script (the command users type)."""
+    exe = Path(sys.executable).parent / "parsl-run"
+    return subprocess.run(
+        [str(exe), *args], cwd=cwd, capture_output=True, text=True, timeout=timeout, env=os.environ.copy(), **popen
+    )
+
+
+@pytest.fixture
+def root() -> Path:
+    return ROOT

@@ -1,0 +1,406 @@
+"""data_prep on real files: readers, validation and quarantine, shards, manifest, chunk reuse, loader."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+from pathlib import Path
+
+import ase.db
+import ase.io
+import numpy as np
+import pytest
+from ase import Atoms, units
+from ase.calculators.singlepoint import SinglePointCalculator
+from ase.neighborlist import neighbor_list
+from pydantic import ValidationError
+
+from data_prep import (
+    BatchPlan,
+    DataConfig,
+    GraphDataset,
+    StrictModeError,
+    finalize,
+    is_complete,
+    iter_atoms,
+    plan_chunks,
+    prepare,
+    split_for_ranks,
+    write_chunk,
+)
+from data_prep.__main__ import main as cli
+from data_prep.readers import count_records, read_records
+from matris.batch import collate
+
+SAMPLE = Path(__file__).resolve().parents[1] / "sample_data"
+SAMPLE_FILES = sorted(SAMPLE.glob("*.extxyz.gz"))
+
+
+@pytest.fixture(scope="module")
+def sample_dir(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("sample")
+    prepare(DataConfig(sources=SAMPLE_FILES), out)
+    return out
+
+
+def by_record(data_dir: Path, split: str | None = None) -> dict:
+    return {(Path(a.info["source"]).name, a.info["index"]): a for a in iter_atoms(data_dir, split)}
+
+
+def assert_same_labels(stored: Atoms, original: Atoms, stress: np.ndarray | None, magmoms) -> None:
+    np.testing.assert_array_equal(stored.numbers, original.numbers)
+    np.testing.assert_allclose(stored.positions, original.positions, atol=1e-12)
+    np.testing.assert_allclose(stored.cell.array, original.cell.array, atol=1e-12)
+    np.testing.assert_array_equal(stored.pbc, original.pbc)
+    if stress is None:
+        assert "stress" not in stored.calc.results
+    else:
+        np.testing.assert_allclose(stored.get_stress(voigt=False), stress, atol=1e-10)
+    if magmoms is None:
+        assert "magmoms" not in stored.calc.results
+    else:
+        np.testing.assert_allclose(stored.calc.results["magmoms"], magmoms, atol=1e-12)
+
+
+def test_sample_round_trip(sample_dir):
+    manifest = json.loads((sample_dir / "manifest.json").read_text())
+    stored = by_record(sample_dir)
+    originals = {(p.name, i): a for p in SAMPLE_FILES for i, a in enumerate(ase.io.read(p, ":"))}
+    assert manifest["n_rejected"] == 0
+    assert manifest["n_structures"] == len(originals) == len(stored) == 602
+    assert manifest["tasks"] == ["alloy-emt", "crystal-pbe", "crystal-r2scan", "molecule-gfn2"]
+    assert manifest["n_train"] + manifest["n_val"] == 602 and 30 < manifest["n_val"] < 90
+    for key, original in originals.items():
+        atoms = stored[key]
+        stress = original.info.get("REF_stress")
+        magmoms = original.arrays.get("REF_magmoms")
+        assert_same_labels(atoms, original, None if stress is None else stress.reshape(3, 3), magmoms)
+        assert atoms.get_potential_energy() == pytest.approx(original.info["REF_energy"], abs=1e-9)
+        np.testing.assert_allclose(atoms.get_forces(), original.arrays["REF_forces"], atol=1e-12)
+        assert atoms.info["task"] == original.info["task"]
+        assert atoms.info["charge"] == original.info.get("charge", 0.0)
+        assert atoms.info["spin"] == original.info.get("spin", 1.0)
+    assert is_complete(sample_dir)
+
+
+def test_manifest_statistics(sample_dir):
+    manifest = json.loads((sample_dir / "manifest.json").read_text())
+    train = list(iter_atoms(sample_dir, "train"))
+    assert len(train) == manifest["n_train"]
+    for task in manifest["tasks"]:
+        frames = [a for a in train if a.info["task"] == task]
+        stats = manifest["task_stats"][task]
+        assert stats["count"] == len(frames)
+        mean = np.mean([a.get_potential_energy() / len(a) for a in frames])
+        rms = np.sqrt(np.mean(np.concatenate([a.get_forces().ravel() for a in frames]) ** 2))
+        assert stats["energy_per_atom_mean"] == pytest.approx(mean, rel=1e-9)
+        assert stats["force_rms"] == pytest.approx(rms, rel=1e-9)
+        refs = manifest["reference_energies"][task]
+        zs = sorted({int(z) for a in frames for z in a.numbers})
+        assert sorted(int(z) for z in refs) == zs
+    histogram = {}
+    for a in iter_atoms(sample_dir):
+        for z in a.numbers:
+            histogram[str(z)] = histogram.get(str(z), 0) + 1
+    assert manifest["elements"] == dict(sorted(histogram.items(), key=lambda kv: int(kv[0])))
+    assert sum(s["n_atoms"] for s in manifest["shards"]) == sum(histogram.values())
+
+
+def labelled(numbers, positions, cell, pbc, energy, forces, stress=None, magmoms=None, **info) -> Atoms:
+    atoms = Atoms(numbers=numbers, positions=positions, cell=cell, pbc=pbc)
+    results = {"energy": energy, "forces": np.asarray(forces)}
+    if stress is not None:
+        results["stress"] = stress
+    if magmoms is not None:
+        results["magmoms"] = np.asarray(magmoms)
+    atoms.calc = SinglePointCalculator(atoms, **results)
+    atoms.info.update(info)
+    return atoms
+
+
+E_REF = {3: -1.5, 8: -4.25, 11: -1.25, 17: -2.0}
+
+
+def synthetic_frames(n: int, seed: int = 0) -> list[Atoms]:
+    """Rattled periodic cells (task "bulk") and open molecules ("mol"); energy linear in composition."""
+    rng = np.random.default_rng(seed)
+    frames = []
+    for k in range(n):
+        periodic = k % 2 == 1
+        if periodic:
+            numbers = rng.choice([3, 8, 11, 17], size=4)
+            positions = np.array([[0, 0, 0], [2.1, 0, 0], [0, 2.1, 0], [0, 0, 2.1]]) + rng.normal(
+                0, 0.05, (4, 3)
+            )
+            cell, stress = np.eye(3) * 4.2, rng.normal(0, 0.01, 6)
+        else:
+            numbers = rng.choice([3, 8, 17], size=3)
+            positions = np.array([[0, 0, 0], [0, 0, 1.2], [0, 1.1, 0.3]]) + rng.normal(0, 0.02, (3, 3))
+            cell, stress = None, None
+        energy = float(sum(E_REF[int(z)] for z in numbers))
+        forces = rng.normal(0, 0.5, (len(numbers), 3))
+        magmoms = rng.normal(0, 1, len(numbers)) if periodic else None
+        info = {"task": "bulk" if periodic else "mol", "charge": float(k % 3 - 1), "spin": float(1 + k % 2)}
+        frames.append(labelled(numbers, positions, cell, periodic, energy, forces, stress, magmoms, **info))
+    return frames
+
+
+def check_round_trip(frames: list[Atoms], data_dir: Path, key=lambda k: k) -> None:
+    stored = {a.info["index"]: a for a in iter_atoms(data_dir)}
+    assert len(stored) == len(frames)
+    for k, original in enumerate(frames):
+        atoms = stored[key(k)]
+        results = original.calc.results
+        stress = results.get("stress")
+        full = None if stress is None else original.get_stress(voigt=False)
+        assert_same_labels(atoms, original, full, results.get("magmoms"))
+        assert atoms.get_potential_energy() == pytest.approx(results["energy"], abs=1e-9)
+        np.testing.assert_allclose(atoms.get_forces(), results["forces"], atol=1e-12)
+        for name in ("task", "charge", "spin"):
+            assert atoms.info[name] == original.info[name]
+
+
+def test_asedb_round_trip_and_reference_energies(tmp_path):
+    frames = synthetic_frames(40)
+    with ase.db.connect(tmp_path / "synthetic.db") as db:
+        for atoms in frames:
+            db.write(atoms, task=atoms.info["task"], charge=atoms.info["charge"], spin=atoms.info["spin"])
+    manifest = prepare(DataConfig(sources=[tmp_path / "synthetic.db"], val_fraction=0.2), tmp_path / "out")
+    assert manifest["n_structures"] == 40 and manifest["n_rejected"] == 0
+    check_round_trip(frames, tmp_path / "out", key=lambda k: k + 1)  # ASE db row ids start at 1
+    for task, refs in manifest["reference_energies"].items():
+        for z, e in refs.items():
+            assert e == pytest.approx(E_REF[int(z)], abs=1e-6), (task, z)
+
+
+def test_aselmdb_round_trip(tmp_path):
+    pytest.importorskip("ase_db_backends")
+    frames = synthetic_frames(12, seed=1)
+    path = tmp_path / "synthetic.aselmdb"
+    with ase.db.connect(path, type="aselmdb") as db:
+        for atoms in frames:
+            db.write(atoms, task=atoms.info["task"], charge=atoms.info["charge"], spin=atoms.info["spin"])
+    assert count_records(path) == 12
+    assert [i for i, _ in read_records(path, start=3, stop=6)] == [4, 5, 6]
+    prepare(DataConfig(sources=[path]), tmp_path / "out")
+    check_round_trip(frames, tmp_path / "out", key=lambda k: k + 1)
+
+
+def test_mptrj_round_trip(tmp_path):
+    pytest.importorskip("pymatgen")
+    from pymatgen.io.ase import AseAtomsAdaptor
+
+    frames = [a for a in ase.io.read(SAMPLE / "crystals_pbe.extxyz.gz", ":12")]
+    data: dict = {}
+    for k, atoms in enumerate(frames):
+        stress_kbar_vasp = -atoms.info["REF_stress"].reshape(3, 3) / (0.1 * units.GPa)
+        data.setdefault(f"mp-{k // 4}", {})[f"frame-{k % 4}"] = {
+            "structure": AseAtomsAdaptor.get_structure(
+                Atoms(atoms.numbers, atoms.positions, cell=atoms.cell, pbc=True)
+            ).as_dict(),
+            "corrected_total_energy": atoms.info["REF_energy"],
+            "force": atoms.arrays["REF_forces"].tolist(),
+            "stress": stress_kbar_vasp.tolist(),
+            "magmom": atoms.arrays["REF_magmoms"].tolist(),
+        }
+    (tmp_path / "mptrj.json").write_text(json.dumps(data))
+    manifest = prepare(
+        DataConfig(sources=[tmp_path / "mptrj.json"], default_task="crystal-pbe"), tmp_path / "out"
+    )
+    assert manifest["tasks"] == ["crystal-pbe"] and manifest["n_structures"] == 12
+    stored = {a.info["index"]: a for a in iter_atoms(tmp_path / "out")}
+    for k, original in enumerate(frames):
+        atoms = stored[f"mp-{k // 4}/frame-{k % 4}"]
+        assert_same_labels(
+            atoms, original, original.info["REF_stress"].reshape(3, 3), original.arrays["REF_magmoms"]
+        )
+        assert atoms.get_potential_energy() == pytest.approx(original.info["REF_energy"], abs=1e-9)
+        np.testing.assert_allclose(atoms.get_forces(), original.arrays["REF_forces"], atol=1e-12)
+
+
+GOOD = 'Properties=species:S:1:pos:R:3:REF_forces:R:3 task=mol REF_energy={e} pbc="F F F"'
+BAD_FILE = "".join(
+    [
+        f"2\n{GOOD.format(e=-1.0)}\nH 0 0 0 0 0 0\nH 0 0 0.74 0 0 0\n",  # 0 good
+        f"2\n{GOOD.format(e='nan')}\nH 0 0 0 0 0 0\nH 0 0 0.74 0 0 0\n",  # 1 NaN energy
+        f"2\n{GOOD.format(e=-1.0)}\nH 0 0 0 0 0 0\nH 0 0 0.1 0 0 0\n",  # 2 atoms 0.1 Å apart
+        '2\nProperties=species:S:1:pos:R:3 REF_energy=-1.0 pbc="F F F"\nH 0 0 0\nH 0 0 0.74\n',  # 3 no forces
+        f"2\n{GOOD.format(e=-1.0)}\nX 0 0 0 0 0 0\nH 0 0 0.74 0 0 0\n",  # 4 unknown element
+        f"3\n{GOOD.format(e=-2.0)}\nO 0 0 0 0 0 0\nH 0 0 0.96 0 0 0\nH 0.93 0 -0.24 0 0 0\n",  # 5 good
+        f"3\n{GOOD.format(e=-2.0)}\nO 0 0 0 0 0 0\nH 0 0 0.96 0 0 0\n",  # 6 truncated
+    ]
+)
+EXPECTED_FIELDS = {1: "energy", 2: "positions", 3: "forces", 4: "numbers", 6: "record"}
+
+
+def test_quarantine(tmp_path):
+    (tmp_path / "bad.extxyz").write_text(BAD_FILE)
+    manifest = prepare(DataConfig(sources=[tmp_path / "bad.extxyz"], val_fraction=0.0), tmp_path / "out")
+    lines = [json.loads(line) for line in (tmp_path / "out" / "quarantine.jsonl").read_text().splitlines()]
+    assert {line["index"]: line["field"] for line in lines} == EXPECTED_FIELDS
+    for line in lines:
+        assert line["source"] == str(tmp_path / "bad.extxyz")
+        assert line["reason"].startswith(EXPECTED_FIELDS[line["index"]] + ":")
+    assert "truncated" in lines[-1]["reason"]
+    assert manifest["n_rejected"] == 5 and manifest["n_structures"] == 2
+    assert sorted(a.info["index"] for a in iter_atoms(tmp_path / "out")) == [0, 5]
+
+
+def test_strict_names_file_record_and_field(tmp_path, capsys):
+    path = tmp_path / "bad.extxyz"
+    path.write_text(BAD_FILE)
+    with pytest.raises(StrictModeError, match=r"bad\.extxyz, record 1: rejected on energy"):
+        prepare(DataConfig(sources=[path], strict=True), tmp_path / "out")
+    assert cli([str(path), "--out", str(tmp_path / "cli"), "--strict"]) == 1
+    message = " ".join(capsys.readouterr().err.split())
+    assert "record 1" in message and "energy" in message and "bad.extxyz" in message
+
+
+def test_cli_writes_contract_outputs(tmp_path):
+    path = tmp_path / "mixed.extxyz"
+    path.write_text(BAD_FILE)
+    assert cli([str(path), "--out", str(tmp_path / "out"), "--val-fraction", "0"]) == 0
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert (manifest["n_structures"], manifest["n_rejected"]) == (2, 5)
+    assert len((tmp_path / "out" / "quarantine.jsonl").read_text().splitlines()) == 5
+
+
+def edge_set(i, j, shifts) -> set:
+    return {(int(a), int(b), *map(int, s)) for a, b, s in zip(i, j, shifts, strict=True)}
+
+
+def test_neighbour_graphs_match_ase(sample_dir):
+    dataset = GraphDataset(sample_dir, split=None)
+    kinds = set()
+    for k in range(0, len(dataset), 37):
+        graph = dataset[k]
+        atoms = Atoms(numbers=graph.atomic_numbers, positions=graph.positions, cell=graph.cell, pbc=graph.pbc)
+        expected = edge_set(*neighbor_list("ijS", atoms, 6.0))
+        assert edge_set(graph.edge_index[0], graph.edge_index[1], graph.edge_shift) == expected
+        kinds.add(bool(graph.pbc.all()))
+    assert kinds == {True, False}  # periodic crystals and open molecules both checked
+
+
+def test_chunks_reused_when_verified_and_redone_when_corrupt(tmp_path):
+    config = DataConfig(sources=[SAMPLE / "molecules_gfn2.extxyz.gz"], shard_size=60)
+    chunks = plan_chunks(config)
+    assert [(c.start, c.stop) for c in chunks] == [(s, s + 60) for s in range(0, 240, 60)]
+    out = tmp_path / "out"
+    out.mkdir()
+    first = [write_chunk(c, config, out) for c in chunks]
+    finalize(out, config, first)
+    assert is_complete(out)
+    victim = out / first[1].shards[0]["file"]
+    with open(victim, "r+b") as fh:
+        fh.seek(4096)
+        fh.write(b"corrupted")
+    assert not is_complete(out)
+    mtimes = {e["file"]: os.stat(out / e["file"]).st_mtime_ns for r in first for e in r.shards}
+    second = [write_chunk(c, config, out) for c in chunks]
+    assert [r.reused for r in second] == [True, False, True, True]
+    for r in second:
+        for e in r.shards:
+            changed = os.stat(out / e["file"]).st_mtime_ns != mtimes[e["file"]]
+            assert changed == (r is second[1])
+    assert finalize(out, config, second) == finalize(out, config, first)
+    assert is_complete(out)
+    redo = DataConfig(sources=config.sources, shard_size=60, cutoff=5.0)
+    assert not any(write_chunk(c, redo, out).reused for c in chunks[:1])
+
+
+def test_dataset_items_collate(sample_dir):
+    dataset = GraphDataset(sample_dir)
+    manifest = json.loads((sample_dir / "manifest.json").read_text())
+    assert len(dataset) == manifest["n_train"] == len(dataset.sizes)
+    items = [dataset[i] for i in range(0, len(dataset), 25)]
+    for i, item in zip(range(0, len(dataset), 25), items, strict=True):
+        assert tuple(dataset.sizes[i]) == (item.n_atoms, item.n_edges)
+    batch = collate(items)
+    assert batch.num_structures == len(items)
+    assert batch.num_atoms == sum(s.n_atoms for s in items)
+    assert batch.has_stress is not None and batch.has_magmoms is not None
+    assert set(batch.task.tolist()) <= set(range(len(manifest["tasks"])))
+    stored = {(Path(a.info["source"]).name, a.info["index"]): a for a in iter_atoms(sample_dir, "train")}
+    first = next(iter(stored.values()))
+    assert manifest["tasks"][dataset[0].task] == first.info["task"]
+    assert dataset[0].energy == pytest.approx(first.get_potential_energy())
+    clone = pickle.loads(pickle.dumps(dataset))
+    np.testing.assert_array_equal(clone[5].positions, dataset[5].positions)
+
+
+def test_batch_plan_deterministic_within_budget_and_resumable():
+    rng = np.random.default_rng(3)
+    sizes = np.stack([rng.integers(2, 60, 500), rng.integers(0, 3000, 500)], axis=1)
+    sizes[7] = (500, 20000)  # larger than the budget: its own batch
+    plan = BatchPlan(sizes, max_atoms=256, max_edges=12000, seed=11)
+    epoch0 = plan.batches(0)
+    assert epoch0 == BatchPlan(sizes, 256, 12000, seed=11).batches(0)
+    assert epoch0 != plan.batches(1)
+    assert sorted(i for b in epoch0 for i in b) == list(range(500))
+    assert [7] in epoch0
+    for b in epoch0:
+        if len(b) > 1:
+            assert sizes[b, 0].sum() <= 256 and sizes[b, 1].sum() <= 12000
+    flat = [(e, k) for e in range(3) for k in range(plan.num_batches(e))]
+    for step in (0, 1, len(epoch0) - 1, len(epoch0), len(flat) - 1):
+        assert plan.locate(step) == flat[step]
+    ordered = BatchPlan(sizes, 256, None, seed=0, shuffle=False).batches(4)
+    assert [i for b in ordered for i in b] == list(range(500))
+
+
+def test_split_for_ranks_partitions_exactly():
+    rng = np.random.default_rng(5)
+    sizes = np.stack([rng.integers(1, 50, 64), rng.integers(0, 5000, 64)], axis=1)
+    indices = rng.permutation(64)[:40].tolist()
+    for n_parts in (1, 2, 3, 8):
+        parts = split_for_ranks(indices, sizes, n_parts)
+        assert len(parts) == n_parts and all(parts)
+        assert sorted(i for p in parts for i in p) == sorted(indices)
+        assert parts == split_for_ranks(indices, sizes, n_parts)
+        loads = [int(sizes[p, 1].sum()) for p in parts]
+        assert max(loads) - min(loads) <= sizes[indices, 1].max()
+        for p in parts:
+            assert p == sorted(p, key=indices.index)
+    few = split_for_ranks(indices[:3], sizes, 5)
+    assert sum(bool(p) for p in few) == 3
+
+
+def test_config_validation():
+    with pytest.raises(ValidationError, match="val_fraction"):
+        DataConfig(sources=["a.xyz"], val_fraction=1.0)
+    with pytest.raises(ValidationError, match="three_body_cutoff"):
+        DataConfig(sources=["a.xyz"], cutoff=3.0)
+    with pytest.raises(ValidationError, match="Extra inputs"):
+        DataConfig(sources=["a.xyz"], cutof=5.0)
+    with pytest.raises(ValidationError, match="shard_size"):
+        DataConfig(sources=["a.xyz"], shard_size=0)
+
+
+def test_split_independent_of_chunking(sample_dir, tmp_path):
+    source = SAMPLE / "crystals_pbe.extxyz.gz"
+    prepare(DataConfig(sources=[source], shard_size=70), tmp_path / "small")
+    assert len(plan_chunks(DataConfig(sources=[source], shard_size=70))) == 4
+    chunked = {a.info["index"] for a in iter_atoms(tmp_path / "small", "val")}
+    whole = {i for (name, i) in by_record(sample_dir, "val") if name == source.name}
+    assert chunked == whole and chunked
+    ranged = [i for i, _ in read_records(source, start=70, stop=75)]
+    assert ranged == [70, 71, 72, 73, 74]
+
+
+def test_forked_dataloader_workers(sample_dir):
+    import torch.utils.data
+
+    dataset = GraphDataset(sample_dir, split="val")
+    dataset[0]  # opens a handle in the parent; workers must open their own
+    plan = BatchPlan(dataset.sizes, max_atoms=200, seed=0)
+    loader = torch.utils.data.DataLoader(
+        dataset,
+        batch_sampler=plan.batches(0),
+        collate_fn=collate,
+        num_workers=2,
+        multiprocessing_context="fork",
+    )
+    batches = list(loader)
+    assert sum(b.num_structures for b in batches) == len(dataset)
+    assert sum(b.num_atoms for b in batches) == int(dataset.sizes[:, 0].sum())

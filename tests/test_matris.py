@@ -1,0 +1,388 @@
+"""MatRIS: symmetries, derivatives, smoothness at both cutoffs, MoE, loss sharding, files, calculator."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+
+import numpy as np
+import pytest
+import torch
+from ase import Atoms
+from ase.build import bulk, molecule
+from ase.calculators.calculator import PropertyNotImplementedError
+from ase.calculators.fd import calculate_numerical_forces, calculate_numerical_stress
+
+import matris
+from matris.batch import collate
+from matris.config import LossConfig, ModelConfig
+from matris.flops import model_flops
+from matris.graph import graph_from_atoms
+from matris.layers import GatedMLP
+from matris.loss import multitask_loss
+from matris.model import MatRIS, line_graph
+from matris.moe import Experts, MoE
+from matris.properties import predict
+
+TASKS = ["pbe", "wb97"]
+
+
+def make_model(seed: int = 0, **overrides) -> MatRIS:
+    torch.manual_seed(seed)
+    config = ModelConfig.from_preset("tiny", tasks=TASKS, **overrides)
+    model = MatRIS(config).double()
+    with torch.no_grad():  # larger random scales so every path visibly affects the energy
+        for block in model.blocks:
+            block.residual_scale.fill_(1.0)
+            for moe in (block.message, block.update):
+                if isinstance(moe, MoE):
+                    moe.router.normal_(0, 1.0)
+    return model
+
+
+@pytest.fixture(scope="module")
+def model() -> MatRIS:
+    return make_model()
+
+
+def cu_cell() -> Atoms:
+    atoms = bulk("Cu", "fcc", a=3.6, cubic=True)[:2]
+    atoms.rattle(0.1, seed=1)
+    return atoms
+
+
+def methane() -> Atoms:
+    atoms = molecule("CH4")
+    atoms.rattle(0.05, seed=2)
+    return atoms
+
+
+def graph(atoms: Atoms, task: int = 0):
+    return graph_from_atoms(atoms, 6.0, task=task)
+
+
+def run(model: MatRIS, structures: list[Atoms], **kwargs) -> dict[str, torch.Tensor]:
+    batch = collate([graph(a) for a in structures], dtype=torch.float64)
+    return predict(model, batch, **kwargs)
+
+
+def test_presets_and_config_errors():
+    for name in ("tiny", "matris-6l", "moe-s", "moe-m", "moe-l"):
+        assert ModelConfig.from_preset(name).preset == name
+    with pytest.raises(ValueError, match="allowed: tiny, matris-6l, moe-s, moe-m, moe-l"):
+        ModelConfig.from_preset("huge")
+    with pytest.raises(ValueError, match="extra"):
+        ModelConfig(width=3)
+    tiny = ModelConfig.from_preset("tiny")
+    assert tiny.num_experts >= 4 and tiny.top_k == 2 and tiny.moe_blocks
+
+
+@pytest.mark.parametrize(
+    ("name", "total", "active"),
+    [("moe-s", 1.09e9, 0.19e9), ("moe-m", 2.47e9, 0.56e9), ("moe-l", 11.5e9, 2.89e9)],
+)
+def test_preset_parameter_counts(name, total, active):
+    config = ModelConfig.from_preset(name)
+    with torch.device("meta"):
+        model = MatRIS(config)
+    n_total = sum(p.numel() for p in model.parameters())
+    n_experts = sum(p.numel() for m in model.modules() if isinstance(m, Experts) for p in m.parameters())
+    n_active = n_total - n_experts + n_experts * config.top_k // config.num_experts
+    assert abs(n_total / total - 1) < 0.03
+    assert abs(n_active / active - 1) < 0.03
+
+
+def test_line_graph_counts_all_ordered_pairs():
+    atoms = cu_cell()
+    g = graph(atoms)
+    vectors = (
+        atoms.positions[g.edge_index[1]] + g.edge_shift @ atoms.cell.array - atoms.positions[g.edge_index[0]]
+    )
+    length = torch.from_numpy(np.linalg.norm(vectors, axis=-1))
+    a, b = line_graph(torch.from_numpy(g.edge_index), length, 4.0)
+    degree = np.bincount(g.edge_index[0][length.numpy() < 4.0], minlength=len(atoms))
+    assert len(a) == (degree * (degree - 1)).sum()
+    assert (g.edge_index[0][a.numpy()] == g.edge_index[0][b.numpy()]).all()
+    assert (a != b).all() and (length[a] < 4).all() and (length[b] < 4).all()
+
+
+def test_rotation_translation_permutation_invariance(model):
+    for atoms in (cu_cell(), methane()):
+        ref = run(model, [atoms])
+        moved = atoms.copy()
+        rotation = torch.linalg.qr(
+            torch.randn(3, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+        )[0]
+        rot = rotation.numpy()
+        moved.positions = atoms.positions @ rot.T + np.array([0.3, -1.2, 2.0])
+        moved.cell = atoms.cell.array @ rot.T
+        out = run(model, [moved])
+        torch.testing.assert_close(out["energy"], ref["energy"], rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(out["forces"], ref["forces"] @ rotation.T, rtol=1e-8, atol=1e-10)
+        torch.testing.assert_close(
+            out["stress"][0], rotation @ ref["stress"][0] @ rotation.T, rtol=1e-8, atol=1e-10
+        )
+        perm = np.random.default_rng(0).permutation(len(atoms))
+        out = run(model, [atoms[perm]])
+        torch.testing.assert_close(out["energy"], ref["energy"], rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(out["forces"], ref["forces"][perm], rtol=1e-8, atol=1e-10)
+
+
+def test_supercell_is_extensive(model):
+    atoms = cu_cell()
+    out, big = run(model, [atoms]), run(model, [atoms.repeat((2, 2, 2))])
+    torch.testing.assert_close(big["energy"], 8 * out["energy"], rtol=1e-10, atol=1e-9)
+    torch.testing.assert_close(big["stress"], out["stress"], rtol=1e-8, atol=1e-10)
+
+
+def test_forces_and_stress_match_finite_differences(model):
+    calc = matris.MatRISCalculator(model, task="pbe")
+    for atoms in (cu_cell(), methane()):
+        atoms.calc = calc
+        numeric = calculate_numerical_forces(atoms, eps=1e-4)
+        np.testing.assert_allclose(atoms.get_forces(), numeric, rtol=1e-5, atol=1e-7)
+    atoms = cu_cell()
+    atoms.calc = calc
+    numeric = calculate_numerical_stress(atoms, eps=1e-5)
+    np.testing.assert_allclose(atoms.get_stress(), numeric, rtol=1e-5, atol=1e-7)
+
+
+def scan(model: MatRIS, make, distances: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Energies and forces along a path of geometries, all in one batch."""
+    out = run(model, [make(d) for d in distances])
+    n = len(make(distances[0]))
+    return out["energy"].numpy(), out["forces"].numpy().reshape(len(distances), n, 3)
+
+
+def assert_smooth(energy: np.ndarray, forces: np.ndarray):
+    """No jumps: a step of size s in a sampled function shows up as a second difference of about s, while
+    a smooth one gives about f'' h² (≈1e-9 here; without the attention sink the energy jumps by ~0.02 eV)."""
+    assert np.abs(np.diff(energy, 2)).max() < 1e-6
+    assert np.abs(np.diff(forces, 2, axis=0)).max() < 1e-5
+
+
+@pytest.mark.parametrize("cutoff", [6.0, 4.0])
+def test_energy_and_forces_continuous_across_cutoffs(model, cutoff):
+    distances = np.linspace(cutoff - 0.02, cutoff + 0.02, 81)
+
+    def dimer(d):
+        return Atoms("CuO", positions=[[0, 0, 0], [d, 0, 0]])
+
+    def trimer(d):  # the C-O bond crosses the cutoff while C-H stays at 1.1 Å and H-O near d
+        return Atoms("CHO", positions=[[0, 0, 0], [0.4, 1.0, 0.2], [d, 0, 0]])
+
+    for make in (dimer, trimer):
+        energy, forces = scan(model, make, distances)
+        assert_smooth(energy, forces)
+    far = run(model, [trimer(4.5), trimer(4.6)])["energy"]
+    assert abs(far[0] - far[1]) > 1e-6  # the far atom still interacts beyond 4 Å through the 6 Å graph
+
+
+def test_experts_depend_only_on_element(model):
+    structures = [cu_cell(), methane(), Atoms("CuCH", positions=[[0, 0, 0], [2, 0, 0], [0, 2.5, 0]])]
+    batch = collate([graph(a) for a in structures], dtype=torch.float64)
+    moe = model.blocks[0].message
+    experts, weights = moe.route(batch.atomic_numbers)
+    for z in batch.atomic_numbers.unique():
+        rows = batch.atomic_numbers == z
+        assert (experts[rows] == experts[rows][0]).all()
+        torch.testing.assert_close(weights[rows], weights[rows][0].expand_as(weights[rows]))
+    assert experts.shape[1] == 2 and torch.allclose(
+        weights.sum(-1), torch.ones(len(weights), dtype=torch.float64)
+    )
+
+
+def test_single_expert_top1_equals_dense_model():
+    hidden = 24
+    moe = make_model(seed=4, num_experts=1, top_k=1, num_shared_experts=0, expert_hidden=hidden)
+    dense = MatRIS(ModelConfig.from_preset("tiny", tasks=TASKS, moe_blocks=[], mlp_hidden=hidden)).double()
+    state = {}
+    for key, value in moe.state_dict().items():
+        if ".experts." in key:
+            state[key.replace(".experts.", ".") + ".weight"] = value[0].T
+        elif not key.endswith(".router"):
+            state[key] = value
+    dense.load_state_dict(state, strict=True)
+    assert all(isinstance(b.message, GatedMLP) for b in dense.blocks)
+    structures = [cu_cell(), methane()]
+    a, b = run(moe, structures), run(dense, structures)
+    torch.testing.assert_close(a["energy"], b["energy"], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(a["forces"], b["forces"], rtol=1e-12, atol=1e-12)
+
+
+def test_batch_equals_structures_one_by_one(model):
+    structures = [cu_cell(), methane(), bulk("NaCl", "rocksalt", a=5.6)]
+    together = run(model, structures)
+    alone = [run(model, [a]) for a in structures]
+    torch.testing.assert_close(together["energy"], torch.cat([o["energy"] for o in alone]))
+    torch.testing.assert_close(together["forces"], torch.cat([o["forces"] for o in alone]))
+    torch.testing.assert_close(together["stress"], torch.cat([o["stress"] for o in alone]))
+    assert (together["stress"][1] == 0).all()
+
+
+def labelled_structures(count: int = 20) -> list:
+    """Small labelled structures of two tasks; one energy label is an outlier."""
+    rng = np.random.default_rng(5)
+    out = []
+    for i in range(count):
+        periodic = i % 2 == 0
+        atoms = bulk("Cu", "fcc", a=3.6) * (2, 1, 1) if periodic else molecule("H2O" if i % 4 == 1 else "CH4")
+        atoms.rattle(0.05, seed=i)
+        g = graph(atoms, task=i % 3 % 2)
+        out.append(
+            dataclasses.replace(
+                g,
+                energy=float(rng.normal()) + (50.0 if i == 3 else 0.0),
+                forces=rng.normal(size=(len(atoms), 3)),
+                stress=rng.normal(size=(3, 3)) * 0.01 if periodic else None,
+            )
+        )
+    return out
+
+
+def test_training_step_backpropagates_through_forces():
+    torch.manual_seed(0)
+    model = MatRIS(ModelConfig.from_preset("tiny", tasks=TASKS))
+    batch = collate(labelled_structures())
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    before = {k: v.detach().clone() for k, v in model.named_parameters()}
+    durations = []
+    for _ in range(3):
+        start = time.perf_counter()
+        pred = predict(model, batch, training=True)
+        loss, metrics = multitask_loss(pred, batch, TASKS)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        durations.append(time.perf_counter() - start)
+    assert min(durations) < 1.0
+    assert {"pbe/energy", "pbe/force", "pbe/stress", "wb97/energy", "aux", "loss"} <= metrics.keys()
+    # only the force term reaches the radial frequencies' second derivatives: check they train
+    force_only = multitask_loss(
+        predict(model, batch, training=True), batch, TASKS, LossConfig(energy=0, stress=0)
+    )[0]
+    grad = torch.autograd.grad(force_only, model.radial.frequencies)[0]
+    assert grad.abs().sum() > 0
+    changed = [k for k, v in model.named_parameters() if not torch.equal(v, before[k])]
+    assert "radial.frequencies" in changed and len(changed) > 0.9 * len(before)
+
+
+def test_magmom_head_is_trained_where_labelled():
+    model = make_model(seed=8, magmom_head=True)
+    structures = [
+        dataclasses.replace(g, magmoms=np.ones(g.n_atoms)) if i % 2 else g
+        for i, g in enumerate(labelled_structures(6))
+    ]
+    batch = collate(structures, dtype=torch.float64)
+    pred = predict(model, batch, training=True)
+    assert pred["magmoms"].shape == (batch.num_atoms,)
+    loss, metrics = multitask_loss(pred, batch, TASKS)
+    assert {"pbe/magmom", "wb97/magmom"} <= metrics.keys()
+    loss.backward()
+    assert model.magmom_head[0].weight.grad.abs().sum() > 0
+
+
+def test_loss_shares_add_up_to_whole_batch_loss():
+    """Two ranks, each with half the batch; ``all_reduce`` adds the other rank's statistics.
+
+    The other rank's statistic for each call is computed by running that rank first (its first call needs
+    nothing from us; its second needs our first), so three rounds give both ranks their exact inputs.
+    """
+    model = make_model(seed=6)
+    structures = labelled_structures()
+    halves = [structures[:9], structures[9:]]
+    config = LossConfig()
+
+    def step(structs, all_reduce=None):
+        batch = collate(structs, dtype=torch.float64)
+        model.zero_grad()
+        loss, metrics = multitask_loss(predict(model, batch, training=True), batch, TASKS, config, all_reduce)
+        loss.backward()
+        return loss.detach(), metrics, [p.grad.clone() for p in model.parameters()]
+
+    sent: list[list[torch.Tensor]] = [[], []]
+    for _ in range(3):
+        for rank in (0, 1):
+            other = sent[1 - rank]
+            mine: list[torch.Tensor] = []
+
+            def all_reduce(x, other=other, mine=mine):
+                mine.append(x.detach().clone())
+                k = len(mine) - 1
+                return x + other[k] if k < len(other) else x
+
+            result = step(halves[rank], all_reduce)
+            sent[rank] = mine
+            if rank == 0:
+                first = result
+        second = result
+    whole = step(structures)
+    torch.testing.assert_close(first[0] + second[0], whole[0], rtol=1e-12, atol=1e-12)
+    assert first[1] == pytest.approx(whole[1]) and second[1] == pytest.approx(whole[1])
+    for a, b, c in zip(first[2], second[2], whole[2], strict=True):
+        torch.testing.assert_close(a + b, c, rtol=1e-9, atol=1e-12)
+    assert whole[1]["pbe/energy"] < 10  # the 50 eV outlier is down-weighted
+
+
+def test_save_load_round_trip_and_corruption(tmp_path, model):
+    model.set_reference_energies({"pbe": {29: -3.5, 1: -1.1}, "wb97": {6: -1030.0}})
+    path = matris.save(model, tmp_path / "model.safetensors", {"step": 7})
+    loaded = matris.load(path)
+    structures = [cu_cell(), methane()]
+    a, b = run(model, structures), run(loaded, structures)
+    for key in ("energy", "forces", "stress"):
+        assert torch.equal(a[key], b[key])
+    assert loaded.config == model.config and matris.io.metadata(path) == {"step": 7}
+    with pytest.raises(KeyError, match="known tasks: pbe, wb97"):
+        model.set_reference_energies({"r2scan": {1: 0.0}})
+    data = bytearray(path.read_bytes())
+    data[-3] ^= 0x40
+    (tmp_path / "bad.safetensors").write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="corrupted"):
+        matris.load(tmp_path / "bad.safetensors")
+    (tmp_path / "short.safetensors").write_bytes(bytes(data[: len(data) // 2]))
+    with pytest.raises(ValueError, match=r"corrupted|not a"):
+        matris.load(tmp_path / "short.safetensors")
+    (tmp_path / "junk.safetensors").write_bytes(b"hello world, not a model")
+    with pytest.raises(ValueError, match="not a"):
+        matris.load(tmp_path / "junk.safetensors")
+    model.reference_energy.zero_()
+
+
+def test_calculator_bulk_copper_and_methane(tmp_path):
+    model = make_model(seed=7)
+    path = matris.save(model, tmp_path / "m.safetensors")
+    calc = matris.MatRISCalculator(path, task="wb97")
+    cu = bulk("Cu", "fcc", a=3.6)
+    cu.calc = calc
+    assert np.isfinite(cu.get_potential_energy())
+    assert np.abs(cu.get_forces()).max() < 1e-9  # one atom per cell: forces vanish by symmetry
+    stress = cu.get_stress()
+    assert (
+        stress.shape == (6,) and np.allclose(stress[:3], stress[0]) and np.allclose(stress[3:], 0, atol=1e-9)
+    )
+    ch4 = molecule("CH4")
+    ch4.calc = calc
+    assert cu.get_potential_energy(force_consistent=True) == cu.get_potential_energy()
+    assert ch4.get_forces().shape == (5, 3) and np.abs(ch4.get_forces().sum(0)).max() < 1e-5
+    with pytest.raises(PropertyNotImplementedError):
+        ch4.get_stress()
+    with pytest.raises(ValueError, match="known tasks: pbe, wb97"):
+        matris.MatRISCalculator(path, task="r2scan")
+
+
+def test_reference_energies_shift_energy(model):
+    atoms = methane()
+    base = run(model, [atoms])["energy"]
+    model.set_reference_energies({"pbe": {6: -2.0, 1: -0.5}})
+    shifted = run(model, [atoms])["energy"]
+    model.reference_energy.zero_()
+    torch.testing.assert_close(shifted - base, torch.tensor([-4.0], dtype=torch.float64))
+
+
+def test_model_flops_three_phases(model):
+    batch = collate([graph(cu_cell()), graph(methane())], dtype=torch.float64)
+    flops = model_flops(model, batch)
+    assert flops["forward"] > 0 and flops["force_backward"] > 0.5 * flops["forward"]
+    assert flops["param_backward"] > flops["forward"]
+    assert flops["total"] == flops["forward"] + flops["force_backward"] + flops["param_backward"]

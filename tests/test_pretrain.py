@@ -1,0 +1,110 @@
+"""The pretrain DAG on the local site, end to end, and resume after the training ranks are SIGKILLed."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ROOT, SMALL_RUN, parsl_run
+
+pytestmark = pytest.mark.slow
+
+
+def metrics_steps(run_dir: Path) -> list[int]:
+    path = run_dir / "train" / "metrics.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line)["step"] for line in path.read_text().splitlines() if line.strip()]
+
+
+def shard_mtimes(run_dir: Path) -> dict[str, int]:
+    return {p.name: p.stat().st_mtime_ns for p in (run_dir / "data" / "shards").glob("*.h5")}
+
+
+def test_pretrain_end_to_end_then_rerun_skips(tmp_path: Path):
+    run_dir = tmp_path / "run"
+    result = parsl_run("workflows/pretrain.py", "--site", "local", "--run-dir", str(run_dir), *SMALL_RUN)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+    for path in ("data/manifest.json", "data/quarantine.jsonl", "train/metrics.jsonl",
+                 "export/model.safetensors", "eval/metrics.json", "summary.json", "runinfo"):  # fmt: skip
+        assert (run_dir / path).exists(), path
+    assert metrics_steps(run_dir) == list(range(1, 13))
+
+    manifest = json.loads((run_dir / "data" / "manifest.json").read_text())
+    metrics = json.loads((run_dir / "eval" / "metrics.json").read_text())
+    assert set(metrics["tasks"]) == set(manifest["tasks"]) and len(manifest["tasks"]) == 4
+    for task, values in metrics["tasks"].items():
+        assert values["n_structures"] > 0, task
+        for key in ("energy_mae_mev_per_atom", "force_mae_mev_per_a"):
+            assert values[key] == pytest.approx(values[key]) and values[key] >= 0, (task, key)
+        if task != "molecule-gfn2":
+            assert values["stress_mae_mev_per_a3"] is not None and values["stress_mae_mev_per_a3"] >= 0
+    assert "held-out errors" in result.stdout and "crystal-pbe" in result.stdout
+
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert {name: s["status"] for name, s in summary["stages"].items()} == dict.fromkeys(
+        ("data", "train", "export", "evaluate"), "ran"
+    )
+
+    # The exported model loads in a process that imports only matris, and reproduces the evaluation.
+    check = (
+        "import json, sys, matris, numpy as np\n"
+        "from matris.evaluate import evaluate_model\n"
+        f"m = evaluate_model('{run_dir}/export/model.safetensors', '{run_dir}/data', '{tmp_path}/again', 8)\n"
+        "assert 'janus' not in sys.modules and 'parsl' not in sys.modules, sorted(sys.modules)\n"
+        f"old = json.load(open('{run_dir}/eval/metrics.json'))\n"
+        "for t in old['tasks']:\n"
+        "    assert np.isclose(old['tasks'][t]['energy_mae_mev_per_atom'], m['tasks'][t]['energy_mae_mev_per_atom'])\n"
+    )
+    subprocess.run([sys.executable, "-c", check], check=True, cwd=tmp_path)
+
+    again = parsl_run("workflows/pretrain.py", "--site", "local", "--run-dir", str(run_dir), *SMALL_RUN)
+    assert again.returncode == 0, again.stdout + again.stderr
+    summary = json.loads((run_dir / "summary.json").read_text())
+    for name, stage in summary["stages"].items():
+        assert stage["status"].startswith("skipped"), (name, stage)
+    assert metrics_steps(run_dir) == list(range(1, 13))
+
+
+def test_killed_training_resumes_without_redoing_data(tmp_path: Path):
+    run_dir = tmp_path / "run"
+    args = [
+        "workflows/pretrain.py", "--site", "local", "--run-dir", str(run_dir), *SMALL_RUN,
+        "--set", "train.steps=24", "--set", "train.sleep_per_step_s=0.3",
+    ]  # fmt: skip
+    exe = Path(sys.executable).parent / "parsl-run"
+    first = subprocess.Popen([str(exe), *args], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and max(metrics_steps(run_dir), default=0) < 10:
+        assert first.poll() is None, first.stdout.read()
+        time.sleep(0.2)
+    assert max(metrics_steps(run_dir)) >= 10, "training never got past the second checkpoint"
+    data_before = shard_mtimes(run_dir)
+    pids = [int(p.read_text()) for p in (run_dir / "train" / "ranks").glob("rank*.pid")]
+    assert pids
+    for pid in pids:
+        os.kill(pid, signal.SIGKILL)
+    output, _ = first.communicate(timeout=120)
+    assert first.returncode != 0, output
+    assert "stage 'train' failed" in output
+    killed_at = max(metrics_steps(run_dir))
+    assert killed_at < 24
+
+    second = parsl_run(*args)
+    assert second.returncode == 0, second.stdout + second.stderr
+    steps = metrics_steps(run_dir)
+    assert steps == list(range(1, 25)), "one metrics line per step, ending at the configured step count"
+    log = (run_dir / "train" / "train.log").read_text()
+    assert "resumed from" in log and "step_000000008" in log
+    assert shard_mtimes(run_dir) == data_before, "data preparation was redone"
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["stages"]["data"]["status"].startswith("skipped")
+    assert summary["stages"]["train"]["status"] == "ran"

@@ -1,0 +1,142 @@
+"""`parsl-run WORKFLOW.py --site NAME [--config RUN.yaml] [--run-dir DIR] [--set key.path=value ...]`.
+
+Parsl has no such command upstream; this one loads a workflow file, resolves and validates the run config
+and the site before anything starts, then loads the site's Parsl `Config` and runs the workflow's DAG.
+A workflow file defines ``CONFIG`` (its run-config class), ``describe(ctx) -> str`` (the DAG, for
+``--dry-run``) and ``run(ctx) -> int`` (exit status).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+from pydantic import BaseModel, ValidationError
+
+import site_configs
+from janus.overrides import ConfigError, build, load_yaml
+from site_configs.schema import SiteConfig
+
+EPILOG = """examples:
+  parsl-run workflows/pretrain.py --site local
+  parsl-run workflows/pretrain.py --site local --set train.steps=50 --set model.preset=tiny
+  parsl-run workflows/pretrain.py --site local --run-dir runs/exp1      # rerun the same line to resume
+  parsl-run workflows/pretrain.py --site local --dry-run
+  parsl-run --list-sites
+"""
+
+
+@dataclass
+class WorkflowContext:
+    """Everything a workflow needs: the validated run config, the site, and where to write."""
+
+    run: Any
+    site: SiteConfig
+    site_module: ModuleType
+    run_dir: Path
+    dry_run: bool = False
+
+
+def load_workflow(path: Path) -> ModuleType:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"workflow file {path} does not exist")
+    name = f"parsl_run_workflow_{path.stem}"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses and pickling look modules up by name
+    spec.loader.exec_module(module)
+    for name in ("CONFIG", "describe", "run"):
+        if not hasattr(module, name):
+            raise ConfigError(f"workflow file {path} does not define {name!r}")
+    return module
+
+
+def deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def resolve_run_config(schema: type[BaseModel], config_file: Path | None, assignments: list[str]) -> Any:
+    data = schema().model_dump(mode="json", exclude={"site"})
+    if config_file is not None:
+        data = deep_merge(data, load_yaml(config_file))
+    return build(schema, data, assignments)
+
+
+def make_context(args: argparse.Namespace) -> tuple[ModuleType, WorkflowContext]:
+    """Everything that can fail on user input fails here, before Parsl starts."""
+    workflow = load_workflow(args.workflow)
+    try:
+        module = site_configs.site_module(args.site)
+    except site_configs.UnknownSite as err:
+        raise ConfigError(str(err)) from err
+    run = resolve_run_config(workflow.CONFIG, args.config, args.set)
+    try:
+        site = site_configs.resolve(args.site, run.site.given())
+    except (ValidationError, ValueError) as err:
+        raise ConfigError(f"site {args.site!r}: {err}") from err
+    run_dir = (args.run_dir or Path("runs") / f"{Path(args.workflow).stem}-{args.site}").resolve()
+    ctx = WorkflowContext(run=run, site=site, site_module=module, run_dir=run_dir, dry_run=args.dry_run)
+    if hasattr(module, "check"):
+        try:
+            module.check(site, run)
+        except ValueError as err:
+            raise ConfigError(f"site {args.site!r}: {err}") from err
+    return workflow, ctx
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="parsl-run",
+        description="Run a MatRIS/Janus Parsl workflow (pretrain, scaling) on a named site.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("workflow", type=Path, nargs="?", help="workflow file, e.g. workflows/pretrain.py")
+    p.add_argument("--site", help="machine to run on (see --list-sites)")
+    p.add_argument("--config", type=Path, help="run config YAML; --set values override it")
+    p.add_argument("--run-dir", type=Path, help="run directory (default runs/WORKFLOW-SITE); reuse it to resume")
+    p.add_argument(
+        "--set", action="append", default=[], metavar="KEY.PATH=VALUE",
+        help="override a run-config key, e.g. train.steps=100, model.preset=moe-s, site.account=abc123",
+    )  # fmt: skip
+    p.add_argument("--dry-run", action="store_true", help="print the DAG and launch scripts; submit nothing")
+    p.add_argument("--list-sites", action="store_true", help="list the available sites and exit")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    if args.list_sites:
+        for name in site_configs.available_sites():
+            doc = (site_configs.site_module(name).__doc__ or "").strip().splitlines()[0]
+            print(f"{name:14s} {doc}")
+        return 0
+    if args.workflow is None or args.site is None:
+        parser().print_usage(sys.stderr)
+        print("parsl-run: a workflow file and --site are required (or --list-sites)", file=sys.stderr)
+        return 2
+    try:
+        workflow, ctx = make_context(args)
+    except ConfigError as err:
+        print(f"parsl-run: {err}", file=sys.stderr)
+        return 2
+    if args.dry_run:
+        print(workflow.describe(ctx))
+        return 0
+    return int(workflow.run(ctx))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

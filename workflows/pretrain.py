@@ -1,0 +1,262 @@
+"""Pretraining DAG: prepare data → train → export → evaluate.
+
+    parsl-run workflows/pretrain.py --site local [--run-dir DIR] [--set key.path=value ...]
+
+Data preparation runs one Parsl app per input chunk, then one that writes the manifest; training is one
+bash app that starts every rank through the site's launcher; export consolidates the sharded checkpoint
+into the deployable model; evaluation scores that exported model on the held-out split, so the numbers
+describe the artifact users load. Rerunning the same command with the same run directory resumes: cached
+apps are skipped (Parsl checkpoints in ``RUN_DIR/runinfo``), each stage re-checks its outputs, and a
+killed training continues from its last checkpoint.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from workflows.runconfig import RunConfig
+
+CONFIG = RunConfig
+STAGES = ("data", "train", "export", "evaluate")
+
+
+@dataclass(frozen=True)
+class RunPaths:
+    root: Path
+
+    @property
+    def data(self) -> Path:
+        return self.root / "data"
+
+    @property
+    def train(self) -> Path:
+        return self.root / "train"
+
+    @property
+    def export(self) -> Path:
+        return self.root / "export"
+
+    @property
+    def eval(self) -> Path:
+        return self.root / "eval"
+
+    @property
+    def model(self) -> Path:
+        return self.export / "model.safetensors"
+
+    @property
+    def janus_config(self) -> Path:
+        return self.train / "janus.yaml"
+
+    @property
+    def summary(self) -> Path:
+        return self.root / "summary.json"
+
+
+def janus_config(run: RunConfig, paths: RunPaths) -> dict[str, Any]:
+    """The per-rank training config that `python -m janus.train --config` reads."""
+    return {
+        "model": run.model.model_dump(mode="json"),
+        "loss": run.loss.model_dump(mode="json"),
+        "train": run.train.model_dump(mode="json"),
+        "parallel": run.parallel.model_dump(mode="json"),
+        "data_dir": str(paths.data),
+        "out_dir": str(paths.train),
+    }
+
+
+def fingerprint(*sections: Any) -> str:
+    """Cache key of a stage: the config sections its outputs depend on."""
+    text = json.dumps([s.model_dump(mode="json") if hasattr(s, "model_dump") else s for s in sections], sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def train_command(ctx, paths: RunPaths) -> str:
+    launch = ctx.run.launch
+    return ctx.site_module.train_command(ctx.site, launch.nodes, launch.ranks_per_node, paths.janus_config)
+
+
+def describe(ctx) -> str:
+    run: RunConfig = ctx.run
+    paths = RunPaths(ctx.run_dir)
+    sources = "\n".join(f"      - {s}" for s in run.data.sources)
+    lines = [
+        f"pretrain DAG on site {ctx.site.name!r} (scheduler: {ctx.site.scheduler}); run directory {paths.root}",
+        "",
+        f"  1. data      [{'stages'}] one app per input chunk → {paths.data}/ (shards, manifest.json, quarantine.jsonl)",
+        sources,
+        f"  2. train     [train] {run.launch.nodes} node(s) × {run.launch.ranks_per_node} rank(s), "
+        f"layout dp={run.parallel.dp} graph={run.parallel.graph} expert={run.parallel.expert}, "
+        f"model {run.model.preset}, {run.train.steps} steps → {paths.train}/",
+        f"       $ {train_command(ctx, paths)}",
+        f"  3. export    [stages] newest checkpoint → {paths.model}",
+        f"  4. evaluate  [stages] held-out split → {paths.eval}/metrics.json",
+    ]
+    if hasattr(ctx.site_module, "describe_submission"):
+        lines += ["", ctx.site_module.describe_submission(ctx.site, run, paths)]
+    return "\n".join(lines)
+
+
+@dataclass
+class StageRecord:
+    status: str = "pending"
+    start: float | None = None
+    end: float | None = None
+    outputs: list[str] = field(default_factory=list)
+    detail: str = ""
+
+
+def run(ctx) -> int:
+    import parsl
+
+    from workflows import stages
+    from workflows.report import print_eval_table, print_stage_table
+
+    run_cfg: RunConfig = ctx.run
+    paths = RunPaths(ctx.run_dir)
+    for folder in (paths.data, paths.train, paths.export, paths.eval):
+        folder.mkdir(parents=True, exist_ok=True)
+    stages.write_atomic(paths.root / "run_config.yaml", yaml.safe_dump(run_cfg.model_dump(mode="json")))
+    stages.write_atomic(paths.janus_config, yaml.safe_dump(janus_config(run_cfg, paths)))
+
+    complete_before = {
+        "data": stages.data_complete(paths.data),
+        "train": stages.train_complete(paths.train, run_cfg.train.steps),
+        "export": stages.export_complete(paths.model, paths.train),
+        "evaluate": stages.eval_complete(paths.eval, paths.model),
+    }
+    records = {name: StageRecord() for name in STAGES}
+    parsl.load(ctx.site_module.parsl_config(ctx.site, paths.root))
+    failed = None
+    try:
+        futures = submit(ctx, paths, attempt=0)
+        failed = wait(futures, records, complete_before, paths, run_cfg)
+        stale = [name for name in STAGES if records[name].status == "stale"]
+        if stale and failed is None:
+            print(f"parsl-run: cached results of {', '.join(stale)} no longer match their outputs; rerunning")
+            futures = submit(ctx, paths, attempt=1, rerun_from=stale[0])
+            failed = wait(futures, records, complete_before, paths, run_cfg)
+    finally:
+        parsl.dfk().cleanup()
+        write_summary(paths, records, ctx)
+    print_stage_table(records)
+    if failed:
+        print(f"parsl-run: stage {failed!r} failed: {records[failed].detail}")
+        print(f"parsl-run: fix the cause and rerun the same command to resume ({paths.summary})")
+        return 1
+    print_eval_table(paths.eval / "metrics.json")
+    return 0
+
+
+def submit(ctx, paths: RunPaths, attempt: int, rerun_from: str | None = None) -> dict[str, list]:
+    """Submit the whole DAG; stages from ``rerun_from`` on get a new cache key (``attempt``)."""
+    from parsl.data_provider.files import File
+
+    from dataclasses import asdict
+
+    from data_prep.pipeline import plan_chunks
+    from workflows import stages
+
+    run_cfg: RunConfig = ctx.run
+    bump = {name: (attempt if rerun_from and STAGES.index(name) >= STAGES.index(rerun_from) else 0) for name in STAGES}
+    data_cfg = run_cfg.data.model_dump(mode="json")
+    chunks = [
+        stages.prepare_chunk(asdict(chunk), data_cfg, str(paths.data), attempt=bump["data"])
+        for chunk in plan_chunks(run_cfg.data)
+    ]
+    manifest = stages.finalize_data(
+        data_cfg, str(paths.data), attempt=bump["data"], inputs=chunks,
+        outputs=[File(str(paths.data / "manifest.json"))],
+    )  # fmt: skip
+    train_key = fingerprint(run_cfg.data, run_cfg.model, run_cfg.loss, run_cfg.train, run_cfg.parallel)
+    trained = stages.train(
+        f"{train_command(ctx, paths)}  # config {train_key}",
+        attempt=bump["train"],
+        inputs=[manifest.outputs[0]],
+        outputs=[File(str(paths.train / "checkpoints"))],
+        stdout=str(paths.train / "train.log"),
+        stderr=str(paths.train / "train.err"),
+    )
+    exported = stages.export(
+        str(paths.train / "checkpoints"), str(paths.model), attempt=bump["export"],
+        inputs=[trained.outputs[0]], outputs=[File(str(paths.model))],
+    )  # fmt: skip
+    evaluated = stages.evaluate(
+        str(paths.model), str(paths.data), str(paths.eval), run_cfg.eval.max_structures_per_task,
+        attempt=bump["evaluate"], inputs=[exported.outputs[0]], outputs=[File(str(paths.eval / "metrics.json"))],
+    )  # fmt: skip
+    return {"data": [*chunks, manifest], "train": [trained], "export": [exported], "evaluate": [evaluated]}
+
+
+def wait(futures: dict[str, list], records: dict[str, StageRecord], complete_before: dict[str, bool],
+         paths: RunPaths, run_cfg: RunConfig) -> str | None:  # fmt: skip
+    """Wait stage by stage; record how each ended. Returns the first failed stage, if any."""
+    from workflows import stages
+
+    verify = {
+        "data": lambda: stages.data_complete(paths.data),
+        "train": lambda: stages.train_complete(paths.train, run_cfg.train.steps),
+        "export": lambda: stages.export_complete(paths.model, paths.train),
+        "evaluate": lambda: stages.eval_complete(paths.eval, paths.model),
+    }
+    outputs = {
+        "data": [paths.data / "manifest.json", paths.data / "quarantine.jsonl"],
+        "train": [paths.train / "checkpoints", paths.train / "metrics.jsonl"],
+        "export": [paths.model],
+        "evaluate": [paths.eval / "metrics.json"],
+    }
+    for name in STAGES:
+        record = records[name]
+        try:
+            for future in futures[name]:
+                future.result()
+        except Exception as err:  # a Parsl app failure: report it, stop waiting
+            record.status, record.detail = "failed", _describe_failure(err, paths, name)
+            record.start, record.end = _times(futures[name])
+            return name
+        record.start, record.end = _times(futures[name])
+        record.outputs = [str(p) for p in outputs[name]]
+        memoized = all(f.task_record["from_memo"] for f in futures[name])
+        if memoized and not verify[name]():
+            record.status = "stale"
+        elif memoized:
+            record.status = "skipped (Parsl checkpoint)"
+        elif complete_before[name]:
+            record.status = "skipped (outputs verified)"
+        else:
+            record.status = "ran"
+    return None
+
+
+def _times(futures: list) -> tuple[float | None, float | None]:
+    starts = [f.task_record["time_invoked"] for f in futures if f.task_record.get("time_invoked")]
+    ends = [f.task_record["time_returned"] for f in futures if f.task_record.get("time_returned")]
+    return (min(starts).timestamp() if starts else None, max(ends).timestamp() if ends else None)
+
+
+def _describe_failure(err: Exception, paths: RunPaths, name: str) -> str:
+    text = f"{type(err).__name__}: {err}".strip()
+    if name == "train":
+        log = paths.train / "train.err"
+        tail = log.read_text().strip().splitlines()[-8:] if log.exists() else []
+        text += "\n    " + "\n    ".join(tail) + f"\n    (full log: {log})"
+    return text
+
+
+def write_summary(paths: RunPaths, records: dict[str, StageRecord], ctx) -> None:
+    from workflows import stages
+
+    summary = {
+        "site": ctx.site.name,
+        "run_dir": str(paths.root),
+        "written": time.time(),
+        "stages": {name: vars(record) for name, record in records.items()},
+    }
+    stages.write_atomic(paths.summary, json.dumps(summary, indent=1))

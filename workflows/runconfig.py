@@ -1,0 +1,87 @@
+"""The run config: what data, which model, how long, which parallel layout, where it runs.
+
+Resolved as defaults ← ``--config RUN.yaml`` ← ``--set key.path=value``, and validated as a whole before
+Parsl starts, so a bad value fails with the field's name and nothing is submitted.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from data_prep.config import DataConfig
+from janus.config import ModelChoice, ParallelConfig, TrainConfig
+from matris.config import LossConfig
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+SAMPLE_DATA = PROJECT_ROOT / "sample_data"
+SAMPLE_SOURCES = sorted(SAMPLE_DATA.glob("*.extxyz.gz"))
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class LaunchConfig(Strict):
+    nodes: int = Field(1, ge=1)
+    ranks_per_node: int = Field(1, ge=1)
+
+    @property
+    def ranks(self) -> int:
+        return self.nodes * self.ranks_per_node
+
+
+class EvalConfig(Strict):
+    max_structures_per_task: int = Field(200, ge=1, description="cap on held-out structures per task")
+
+
+class SiteFields(Strict):
+    """Run-config overrides of the site's fields (see `site_configs.schema.SiteConfig`); unset = default."""
+
+    account: str | None = None
+    partition: str | None = None
+    qos: str | None = None
+    walltime: str | None = None
+    nodes_per_block: int | None = None
+    gpus_per_node: int | None = None
+    cores_per_node: int | None = None
+    stage_workers: int | None = None
+    backend: str | None = None
+    launcher_options: list[str] | None = None
+    scheduler_options: list[str] | None = None
+    filesystems: str | None = None
+    worker_init: str | None = None
+    environment: dict[str, str] | None = None
+
+    def given(self) -> dict[str, Any]:
+        return {k: v for k, v in self.model_dump().items() if v is not None}
+
+
+class RunConfig(Strict):
+    data: DataConfig = Field(default_factory=lambda: DataConfig(sources=SAMPLE_SOURCES))
+    model: ModelChoice = Field(default_factory=ModelChoice)
+    loss: LossConfig = Field(default_factory=LossConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    parallel: ParallelConfig = Field(default_factory=ParallelConfig)
+    launch: LaunchConfig = Field(default_factory=LaunchConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    site: SiteFields = Field(default_factory=SiteFields)
+
+    @model_validator(mode="after")
+    def _layout_matches_launch(self) -> RunConfig:
+        if self.parallel.world_size != self.launch.ranks:
+            raise ValueError(
+                f"parallel.dp × parallel.graph × parallel.expert = {self.parallel.world_size} must equal "
+                f"launch.nodes × launch.ranks_per_node = {self.launch.ranks}"
+            )
+        missing = [str(p) for p in self.data.sources if not Path(p).exists()]
+        if missing:
+            raise ValueError(f"data.sources: file(s) not found: {', '.join(missing)}")
+        return self
+
+
+def defaults() -> dict[str, Any]:
+    """The default run config as plain data, the base that YAML files and ``--set`` modify."""
+    return RunConfig().model_dump(mode="json", exclude={"site"})

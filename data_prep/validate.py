@@ -131,14 +131,15 @@ def check(atoms: Atoms, source: str, index: int | str, config: DataConfig) -> Re
         raise Rejected("cell", f"no neighbour list: {error}") from error
     if edge_index.shape[1]:
         i, j = edge_index
-        vectors = positions[j] + edge_shift @ cell - positions[i]
-        lengths = np.linalg.norm(vectors, axis=1)
-        closest = int(np.argmin(lengths))
-        if lengths[closest] < config.min_distance:
+        vectors = positions[j] - positions[i]
+        vectors += edge_shift @ cell
+        squared = np.einsum("ij,ij->i", vectors, vectors)
+        closest = int(np.argmin(squared))
+        if squared[closest] < config.min_distance**2:
             raise Rejected(
                 "positions",
-                f"atoms {int(i[closest])} and {int(j[closest])} are {lengths[closest]:.3f} Å apart "
-                f"(min_distance {config.min_distance} Å)",
+                f"atoms {int(i[closest])} and {int(j[closest])} are {np.sqrt(squared[closest]):.3f} Å "
+                f"apart (min_distance {config.min_distance} Å)",
             )
     return Record(
         source=source,

@@ -1,4 +1,4 @@
-"""Configuration of one training job: model choice, optimisation, parallel layout, where data and outputs live.
+"""Configuration of one training job: model, optimisation, parallel layout, where data and outputs live.
 
 `python -m janus.train --config FILE` reads a YAML file of this shape; the Parsl workflow writes it from the
 run config, so both share these classes.
@@ -78,6 +78,7 @@ class JanusConfig(Strict):
     def _checkpoint_within_run(self) -> JanusConfig:
         if self.train.warmup_steps >= self.train.steps and self.train.steps > 1:
             raise ValueError(
-                f"train.warmup_steps ({self.train.warmup_steps}) must be below train.steps ({self.train.steps})"
+                f"train.warmup_steps ({self.train.warmup_steps}) must be below "
+                f"train.steps ({self.train.steps})"
             )
         return self

@@ -12,7 +12,6 @@ from typing import Any, TypeVar, get_args, get_origin
 import yaml
 from pydantic import BaseModel, ValidationError
 
-
 T = TypeVar("T", bound=BaseModel)
 
 

@@ -40,13 +40,16 @@ def apply_fsdp(model: nn.Module, mesh: DeviceMesh) -> nn.Module:
     """Shard each interaction block, then the rest (embeddings, readout) at the root.
 
     Each rank's loss is its share of the global loss (statistics are reduced across ranks inside the
-    loss), so gradients are summed over ranks, not averaged: divide factor 1.
+    loss), so gradients are summed over ranks, not averaged: divide factor 1, with plain SUM collectives
+    (FSDP would otherwise use PREMUL_SUM, which gloo lacks).
     """
     dp_mesh = mesh["dp"]
     for block in model.blocks:
         fully_shard(block, mesh=dp_mesh, reshard_after_forward=False)
     fully_shard(model, mesh=dp_mesh, reshard_after_forward=False)
-    model.set_gradient_divide_factor(1.0)
+    for module in (*model.blocks, model):  # the settings are per FSDP module, not inherited
+        module.set_gradient_divide_factor(1.0)
+        module.set_force_sum_reduction_for_comms(True)
     return model
 
 

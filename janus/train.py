@@ -51,7 +51,9 @@ def peak_lr(cfg: JanusConfig) -> float:
 
 
 def resolve_model_config(cfg: JanusConfig, manifest: dict) -> ModelConfig:
-    model_cfg = ModelConfig.from_preset(cfg.model.preset, tasks=list(manifest["tasks"]), **cfg.model.overrides)
+    model_cfg = ModelConfig.from_preset(
+        cfg.model.preset, tasks=list(manifest["tasks"]), **cfg.model.overrides
+    )
     if model_cfg.cutoff > manifest["cutoff"] + 1e-9:
         raise ConfigError(
             f"model cutoff {model_cfg.cutoff} Å exceeds the data's graph cutoff {manifest['cutoff']} Å "
@@ -105,7 +107,9 @@ def train(cfg: JanusConfig, env: launch.DistEnv) -> None:
     )
 
     def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
-        return dist.nn.functional.all_reduce(tensor, group=dp_group)
+        """Sum batch statistics over data-parallel ranks (they carry no gradient)."""
+        dist.all_reduce(tensor, group=dp_group)
+        return tensor
 
     epoch_batches: tuple[int, list[list[int]]] = (-1, [])
     for step in range(start, cfg.train.steps):
@@ -169,7 +173,9 @@ def train(cfg: JanusConfig, env: launch.DistEnv) -> None:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m janus.train", description=__doc__.splitlines()[0])
     parser.add_argument("--config", type=Path, required=True, help="YAML file of a janus.config.JanusConfig")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    parser.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key"
+    )
     return parser.parse_args(argv)
 
 

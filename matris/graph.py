@@ -67,7 +67,9 @@ def neighbor_graph(
     return edge_index, shifts.astype(np.int32)
 
 
-def _box_for_open_directions(positions: np.ndarray, cell: np.ndarray, pbc: np.ndarray, cutoff: float) -> np.ndarray:
+def _box_for_open_directions(
+    positions: np.ndarray, cell: np.ndarray, pbc: np.ndarray, cutoff: float
+) -> np.ndarray:
     """Replace the cell vectors of non-periodic directions by a box that encloses every atom with margin."""
     box = cell.copy()
     span = positions.max(axis=0) - positions.min(axis=0)

@@ -54,10 +54,13 @@ def multitask_loss(
     tasks: Sequence[str],
     config: LossConfig | None = None,
     all_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    active: bool = True,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """This rank's share of the loss, and global metrics: f"{task}/{property}", ``aux`` and ``loss``.
 
     ``all_reduce`` sums a tensor over data-parallel ranks and returns the result (identity if ``None``).
+    A rank with no structures of its own passes a stand-in batch with ``active=False``: it joins the
+    reductions and returns a zero share that is still connected to every parameter.
     """
     config = config or LossConfig()
     reduce = all_reduce or (lambda x: x)
@@ -65,12 +68,14 @@ def multitask_loss(
     weights = weights.to(pred["energy"].device)
     num_tasks, num_components = len(tasks), len(COMPONENTS)
     loss, mask = per_sample_losses(pred, batch)
+    mask = mask & active
+    loss = loss.where(mask, 0.0)
     detached, present = loss.detach(), mask.to(loss.dtype)
-    counts, probs = pred["expert_counts"].detach(), pred["expert_probs"]
+    counts, probs = pred["expert_counts"].detach() * active, pred["expert_probs"] * active
 
     moments = torch.stack([present, detached, detached.square()], dim=-1)
     moments = loss.new_zeros(num_tasks, num_components, 3).index_add(0, batch.task, moments)
-    first = torch.cat([moments.flatten(), counts.flatten(), loss.new_tensor([batch.num_atoms])])
+    first = torch.cat([moments.flatten(), counts.flatten(), loss.new_tensor([batch.num_atoms * active])])
     first = reduce(first)
     moments = first[: moments.numel()].view(num_tasks, num_components, 3)
     counts = first[moments.numel() : -1].view_as(counts)

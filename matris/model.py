@@ -203,15 +203,15 @@ class MatRIS(nn.Module):
         atom_energy = self.energy_head(atoms).squeeze(-1) + self.reference_energy[batch.task[s], z]
         energy = atom_energy.new_zeros(batch.num_structures).index_add(0, s, atom_energy)
         routing = torch.cat(routing)
-        counts, probs = routing[:, 0].detach(), routing[:, 1]
+        counts, probs = (x.clone() for x in routing.unbind(1))  # copies: module outputs must not be views
         out = {
             "energy": energy,
             "aux_loss": load_balance_loss(counts, probs, batch.num_atoms),
-            "expert_counts": counts,
+            "expert_counts": counts.detach(),
             "expert_probs": probs,
         }
         if self.magmom_head is not None:
-            out["magmoms"] = self.magmom_head(atoms).squeeze(-1)
+            out["magmoms"] = self.magmom_head(atoms).squeeze(-1).clone()
         return out
 
 
@@ -224,5 +224,5 @@ def load_balance_loss(counts: torch.Tensor, probs: torch.Tensor, num_tokens) -> 
     """
     if counts.shape[0] == 0:
         return probs.sum()
-    fraction = counts / counts.sum(-1, keepdim=True)
-    return (counts.shape[1] * fraction * probs / num_tokens).sum(-1).mean()
+    fraction = counts / counts.sum(-1, keepdim=True).clamp(min=1)
+    return (counts.shape[1] * fraction * probs / max(num_tokens, 1)).sum(-1).mean()

@@ -25,7 +25,13 @@ def parsl_run(*args: str, cwd: Path = ROOT, timeout: float = 600, **popen) -> su
     """Run the installed ``parsl-run`` console script (the command users type)."""
     exe = Path(sys.executable).parent / "parsl-run"
     return subprocess.run(
-        [str(exe), *args], cwd=cwd, capture_output=True, text=True, timeout=timeout, env=os.environ.copy(), **popen
+        [str(exe), *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=os.environ.copy(),
+        **popen,
     )
 
 

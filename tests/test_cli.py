@@ -33,7 +33,10 @@ def test_list_sites_includes_local():
         (["--site", "local", "--set", "train.steps=-4"], ["train.steps", "greater than or equal to 1"]),
         (["--site", "local", "--set", "train.steps=many"], ["train.steps", "many"]),
         (["--site", "local", "--set", "model.preset=huge"], ["unknown model preset 'huge'", "tiny", "moe-s"]),
-        (["--site", "local", "--set", "parallel.dp=2"], ["parallel.dp", "launch.nodes × launch.ranks_per_node"]),
+        (
+            ["--site", "local", "--set", "parallel.dp=2"],
+            ["parallel.dp", "launch.nodes × launch.ranks_per_node"],
+        ),
         (["--site", "local", "--set", "data.sources=[/no/such.xyz]"], ["data.sources", "/no/such.xyz"]),
         (["--site", "local", "--set", "site.account=x;rm -rf /"], ["account", "may only hold"]),
         (["--site", "local", "--set", "train.steps"], ["expected key.path=value"]),
@@ -63,7 +66,9 @@ def test_config_file_values_are_validated(tmp_path: Path):
 
 def test_dry_run_prints_dag_and_runs_nothing(tmp_path: Path):
     run_dir = tmp_path / "run"
-    result = parsl_run(WORKFLOW, "--site", "local", "--run-dir", str(run_dir), "--dry-run", "--set", "train.steps=7")
+    result = parsl_run(
+        WORKFLOW, "--site", "local", "--run-dir", str(run_dir), "--dry-run", "--set", "train.steps=7"
+    )
     assert result.returncode == 0, result.stderr
     for stage in ("data", "train", "export", "evaluate"):
         assert stage in result.stdout

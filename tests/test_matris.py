@@ -282,46 +282,51 @@ def test_magmom_head_is_trained_where_labelled():
     assert model.magmom_head[0].weight.grad.abs().sum() > 0
 
 
-def test_loss_shares_add_up_to_whole_batch_loss():
-    """Two ranks, each with half the batch; ``all_reduce`` adds the other rank's statistics.
+def two_rank_step(model: MatRIS, ranks: list[tuple[list, bool]]) -> list[tuple]:
+    """Loss, metrics and gradients of two data-parallel ranks whose ``all_reduce`` adds the other's input.
 
-    The other rank's statistic for each call is computed by running that rank first (its first call needs
-    nothing from us; its second needs our first), so three rounds give both ranks their exact inputs.
+    The other rank's input to each call is recorded by running that rank first: its first call needs
+    nothing from us, its second needs our first, so three rounds give both ranks their exact inputs.
     """
-    model = make_model(seed=6)
-    structures = labelled_structures()
-    halves = [structures[:9], structures[9:]]
-    config = LossConfig()
-
-    def step(structs, all_reduce=None):
-        batch = collate(structs, dtype=torch.float64)
-        model.zero_grad()
-        loss, metrics = multitask_loss(predict(model, batch, training=True), batch, TASKS, config, all_reduce)
-        loss.backward()
-        return loss.detach(), metrics, [p.grad.clone() for p in model.parameters()]
-
     sent: list[list[torch.Tensor]] = [[], []]
+    results: list[tuple] = [(), ()]
     for _ in range(3):
-        for rank in (0, 1):
-            other = sent[1 - rank]
-            mine: list[torch.Tensor] = []
+        for rank, (structures, active) in enumerate(ranks):
+            other, mine = sent[1 - rank], []
 
             def all_reduce(x, other=other, mine=mine):
                 mine.append(x.detach().clone())
-                k = len(mine) - 1
-                return x + other[k] if k < len(other) else x
+                return x + other[len(mine) - 1] if len(mine) <= len(other) else x
 
-            result = step(halves[rank], all_reduce)
+            batch = collate(structures, dtype=torch.float64)
+            model.zero_grad()
+            pred = predict(model, batch, training=True)
+            loss, metrics = multitask_loss(pred, batch, TASKS, LossConfig(), all_reduce, active=active)
+            loss.backward()
+            results[rank] = (loss.detach(), metrics, [p.grad.clone() for p in model.parameters()])
             sent[rank] = mine
-            if rank == 0:
-                first = result
-        second = result
-    whole = step(structures)
-    torch.testing.assert_close(first[0] + second[0], whole[0], rtol=1e-12, atol=1e-12)
-    assert first[1] == pytest.approx(whole[1]) and second[1] == pytest.approx(whole[1])
-    for a, b, c in zip(first[2], second[2], whole[2], strict=True):
-        torch.testing.assert_close(a + b, c, rtol=1e-9, atol=1e-12)
-    assert whole[1]["pbe/energy"] < 10  # the 50 eV outlier is down-weighted
+    return results
+
+
+def test_loss_shares_add_up_to_whole_batch_loss():
+    """Per-rank losses and gradients sum to the whole batch's, robust statistics and MoE balance included;
+    a rank without structures (stand-in batch, ``active=False``) adds nothing."""
+    model = make_model(seed=6)
+    structures = labelled_structures()
+    batch = collate(structures, dtype=torch.float64)
+    model.zero_grad()
+    loss, metrics = multitask_loss(predict(model, batch, training=True), batch, TASKS)
+    loss.backward()
+    whole = (loss.detach(), metrics, [p.grad.clone() for p in model.parameters()])
+    assert metrics["pbe/energy"] < 10  # the 50 eV outlier is down-weighted
+    halves = [(structures[:9], True), (structures[9:], True)]
+    idle = [(structures[:1], False), (structures, True)]
+    for ranks in (halves, idle):
+        first, second = two_rank_step(model, ranks)
+        torch.testing.assert_close(first[0] + second[0], whole[0], rtol=1e-12, atol=1e-12)
+        assert first[1] == pytest.approx(whole[1]) and second[1] == pytest.approx(whole[1])
+        for a, b, c in zip(first[2], second[2], whole[2], strict=True):
+            torch.testing.assert_close(a + b, c, rtol=1e-9, atol=1e-12)
 
 
 def test_save_load_round_trip_and_corruption(tmp_path, model):

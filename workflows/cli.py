@@ -106,7 +106,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("workflow", type=Path, nargs="?", help="workflow file, e.g. workflows/pretrain.py")
     p.add_argument("--site", help="machine to run on (see --list-sites)")
     p.add_argument("--config", type=Path, help="run config YAML; --set values override it")
-    p.add_argument("--run-dir", type=Path, help="run directory (default runs/WORKFLOW-SITE); reuse it to resume")
+    p.add_argument(
+        "--run-dir", type=Path, help="run directory (default runs/WORKFLOW-SITE); reuse it to resume"
+    )
     p.add_argument(
         "--set", action="append", default=[], metavar="KEY.PATH=VALUE",
         help="override a run-config key, e.g. train.steps=100, model.preset=moe-s, site.account=abc123",

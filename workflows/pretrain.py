@@ -74,7 +74,9 @@ def janus_config(run: RunConfig, paths: RunPaths) -> dict[str, Any]:
 
 def fingerprint(*sections: Any) -> str:
     """Cache key of a stage: the config sections its outputs depend on."""
-    text = json.dumps([s.model_dump(mode="json") if hasattr(s, "model_dump") else s for s in sections], sort_keys=True)
+    text = json.dumps(
+        [s.model_dump(mode="json") if hasattr(s, "model_dump") else s for s in sections], sort_keys=True
+    )
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
@@ -88,9 +90,11 @@ def describe(ctx) -> str:
     paths = RunPaths(ctx.run_dir)
     sources = "\n".join(f"      - {s}" for s in run.data.sources)
     lines = [
-        f"pretrain DAG on site {ctx.site.name!r} (scheduler: {ctx.site.scheduler}); run directory {paths.root}",
+        f"pretrain DAG on site {ctx.site.name!r} (scheduler: {ctx.site.scheduler})",
+        f"run directory {paths.root}",
         "",
-        f"  1. data      [{'stages'}] one app per input chunk → {paths.data}/ (shards, manifest.json, quarantine.jsonl)",
+        f"  1. data      [stages] one app per input chunk → {paths.data}/"
+        " (shards, manifest.json, quarantine.jsonl)",
         sources,
         f"  2. train     [train] {run.launch.nodes} node(s) × {run.launch.ranks_per_node} rank(s), "
         f"layout dp={run.parallel.dp} graph={run.parallel.graph} expert={run.parallel.expert}, "
@@ -136,13 +140,13 @@ def run(ctx) -> int:
     parsl.load(ctx.site_module.parsl_config(ctx.site, paths.root))
     failed = None
     try:
-        futures = submit(ctx, paths, attempt=0)
-        failed = wait(futures, records, complete_before, paths, run_cfg)
+        failed = wait(submit(ctx, paths), records, complete_before, paths, run_cfg, STAGES)
         stale = [name for name in STAGES if records[name].status == "stale"]
         if stale and failed is None:
             print(f"parsl-run: cached results of {', '.join(stale)} no longer match their outputs; rerunning")
-            futures = submit(ctx, paths, attempt=1, rerun_from=stale[0])
-            failed = wait(futures, records, complete_before, paths, run_cfg)
+            again = STAGES[STAGES.index(stale[0]) :]
+            futures = submit(ctx, paths, salt=time.time_ns(), rerun_from=stale[0])
+            failed = wait(futures, records, complete_before, paths, run_cfg, again)
     finally:
         parsl.dfk().cleanup()
         write_summary(paths, records, ctx)
@@ -155,49 +159,49 @@ def run(ctx) -> int:
     return 0
 
 
-def submit(ctx, paths: RunPaths, attempt: int, rerun_from: str | None = None) -> dict[str, list]:
-    """Submit the whole DAG; stages from ``rerun_from`` on get a new cache key (``attempt``)."""
-    from parsl.data_provider.files import File
-
+def submit(ctx, paths: RunPaths, salt: int = 0, rerun_from: str | None = None) -> dict[str, list]:
+    """Submit the whole DAG. Each app's cache key holds the config its outputs depend on; stages from
+    ``rerun_from`` on also get ``salt``, so Parsl cannot answer them from its checkpoint again."""
     from dataclasses import asdict
+
+    from parsl.data_provider.files import File
 
     from data_prep.pipeline import plan_chunks
     from workflows import stages
 
     run_cfg: RunConfig = ctx.run
-    bump = {name: (attempt if rerun_from and STAGES.index(name) >= STAGES.index(rerun_from) else 0) for name in STAGES}
+    late = set(STAGES[STAGES.index(rerun_from) :]) if rerun_from else set()
+    attempt = {name: salt if name in late else 0 for name in STAGES}
     data_cfg = run_cfg.data.model_dump(mode="json")
+    train_key = fingerprint(run_cfg.data, run_cfg.model, run_cfg.loss, run_cfg.train, run_cfg.parallel)
     chunks = [
-        stages.prepare_chunk(asdict(chunk), data_cfg, str(paths.data), attempt=bump["data"])
+        stages.prepare_chunk(asdict(chunk), data_cfg, str(paths.data), attempt=attempt["data"])
         for chunk in plan_chunks(run_cfg.data)
     ]
     manifest = stages.finalize_data(
-        data_cfg, str(paths.data), attempt=bump["data"], inputs=chunks,
+        data_cfg, str(paths.data), attempt=attempt["data"], inputs=chunks,
         outputs=[File(str(paths.data / "manifest.json"))],
     )  # fmt: skip
-    train_key = fingerprint(run_cfg.data, run_cfg.model, run_cfg.loss, run_cfg.train, run_cfg.parallel)
     trained = stages.train(
-        f"{train_command(ctx, paths)}  # config {train_key}",
-        attempt=bump["train"],
-        inputs=[manifest.outputs[0]],
-        outputs=[File(str(paths.train / "checkpoints"))],
-        stdout=str(paths.train / "train.log"),
-        stderr=str(paths.train / "train.err"),
-    )
+        train_command(ctx, paths), key=train_key, attempt=attempt["train"],
+        inputs=[manifest.outputs[0]], outputs=[File(str(paths.train / "checkpoints"))],
+        stdout=str(paths.train / "train.log"), stderr=str(paths.train / "train.err"),
+    )  # fmt: skip
     exported = stages.export(
-        str(paths.train / "checkpoints"), str(paths.model), attempt=bump["export"],
+        str(paths.train / "checkpoints"), str(paths.model), key=train_key, attempt=attempt["export"],
         inputs=[trained.outputs[0]], outputs=[File(str(paths.model))],
     )  # fmt: skip
     evaluated = stages.evaluate(
         str(paths.model), str(paths.data), str(paths.eval), run_cfg.eval.max_structures_per_task,
-        attempt=bump["evaluate"], inputs=[exported.outputs[0]], outputs=[File(str(paths.eval / "metrics.json"))],
+        key=train_key, attempt=attempt["evaluate"], inputs=[exported.outputs[0]],
+        outputs=[File(str(paths.eval / "metrics.json"))],
     )  # fmt: skip
     return {"data": [*chunks, manifest], "train": [trained], "export": [exported], "evaluate": [evaluated]}
 
 
 def wait(futures: dict[str, list], records: dict[str, StageRecord], complete_before: dict[str, bool],
-         paths: RunPaths, run_cfg: RunConfig) -> str | None:  # fmt: skip
-    """Wait stage by stage; record how each ended. Returns the first failed stage, if any."""
+         paths: RunPaths, run_cfg: RunConfig, recorded: tuple[str, ...]) -> str | None:  # fmt: skip
+    """Wait stage by stage; record how the ``recorded`` stages ended. Returns the first failed stage."""
     from workflows import stages
 
     verify = {
@@ -213,13 +217,14 @@ def wait(futures: dict[str, list], records: dict[str, StageRecord], complete_bef
         "evaluate": [paths.eval / "metrics.json"],
     }
     for name in STAGES:
-        record = records[name]
+        record = records[name] if name in recorded else StageRecord()
         try:
             for future in futures[name]:
                 future.result()
         except Exception as err:  # a Parsl app failure: report it, stop waiting
             record.status, record.detail = "failed", _describe_failure(err, paths, name)
             record.start, record.end = _times(futures[name])
+            records[name] = record
             return name
         record.start, record.end = _times(futures[name])
         record.outputs = [str(p) for p in outputs[name]]
@@ -236,7 +241,8 @@ def wait(futures: dict[str, list], records: dict[str, StageRecord], complete_bef
 
 
 def _times(futures: list) -> tuple[float | None, float | None]:
-    starts = [f.task_record["time_invoked"] for f in futures if f.task_record.get("time_invoked")]
+    starts = [f.task_record["try_time_launched"] or f.task_record["time_invoked"] for f in futures
+              if f.task_record.get("time_invoked")]  # fmt: skip
     ends = [f.task_record["time_returned"] for f in futures if f.task_record.get("time_returned")]
     return (min(starts).timestamp() if starts else None, max(ends).timestamp() if ends else None)
 

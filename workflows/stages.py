@@ -1,7 +1,9 @@
 """Parsl apps of the pretraining DAG and each stage's own completeness check.
 
 The apps are thin: each calls a library function or command line (`data_prep`, `janus.train`,
-`matris.export`, `matris.evaluate`) so the libraries stay free of Parsl. All apps are cached: with the
+`matris.export`, `matris.evaluate`) so the libraries stay free of Parsl. Arguments ``key`` (a digest of
+the config a stage's outputs depend on) and ``attempt`` (a salt for forced reruns) exist only for the
+cache key. All apps are cached: with the
 site's `BasicMemoizer(checkpoint_mode="task_exit")` a rerun in the same run directory skips apps that
 finished. Each library call also checks its own outputs (a verified shard, a final checkpoint, an export
 whose checksum matches) and skips work that is already done, so a lost Parsl checkpoint costs nothing.
@@ -12,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import os
 from pathlib import Path
+
 from parsl import bash_app, python_app
 from parsl.data_provider.files import File
 from parsl.dataflow.memoization import id_for_memo
@@ -51,6 +54,7 @@ def finalize_data(
 @bash_app(executors=["train"], cache=True)
 def train(
     command: str,
+    key: str = "",
     attempt: int = 0,
     inputs: tuple = (),
     outputs: tuple = (),
@@ -62,7 +66,14 @@ def train(
 
 
 @python_app(executors=["stages"], cache=True)
-def export(checkpoint_root: str, out_path: str, attempt: int = 0, inputs: tuple = (), outputs: tuple = ()) -> dict:
+def export(
+    checkpoint_root: str,
+    out_path: str,
+    key: str = "",
+    attempt: int = 0,
+    inputs: tuple = (),
+    outputs: tuple = (),
+) -> dict:
     """Consolidate the newest sharded checkpoint into one self-contained model file."""
     from matris.export import export_checkpoint
 
@@ -71,7 +82,7 @@ def export(checkpoint_root: str, out_path: str, attempt: int = 0, inputs: tuple 
 
 @python_app(executors=["stages"], cache=True)
 def evaluate(
-    model_path: str, data_dir: str, out_dir: str, max_per_task: int, attempt: int = 0,
+    model_path: str, data_dir: str, out_dir: str, max_per_task: int, key: str = "", attempt: int = 0,
     inputs: tuple = (), outputs: tuple = (),
 ) -> dict:  # fmt: skip
     """Per-task errors of the exported model on the held-out split."""

@@ -14,7 +14,7 @@ NODE_RANGE="n[1-4]"
 FIRST_PORT=17001
 CPUS_PER_NODE=2
 CLUSTER=loopback
-PARTITION=batch
+PARTITION="batch"
 # slurmdbd (sacct works) or filetxt (no database; finished jobs go to $JOBCOMP_FILE only).
 ACCOUNTING=${SLURM_LOOPBACK_ACCOUNTING:-slurmdbd}
 TIMEOUT=${SLURM_LOOPBACK_TIMEOUT:-90}
@@ -36,15 +36,21 @@ die() { log "ERROR: $*"; exit 1; }
 
 # --- process helpers ---------------------------------------------------------------
 
-# alive PIDFILE: the pid file names a live process whose name is the file's name up to the
-# first dot (slurmd.n1.pid -> slurmd); guards against stale files and reused pids.
+# alive PIDFILE: the pid file names a running process whose name is the file's name up to
+# the first dot (slurmd.n1.pid -> slurmd); guards against stale files, reused pids and
+# zombies (a daemon's parent is init, which may be slow to reap in containers).
 alive() {
-    local pid comm=${1##*/}
+    local pid stat comm=${1##*/}
     comm=${comm%%.*}
     [[ -r $1 ]] || return 1
     pid=$(<"$1") || return 1
-    [[ $pid =~ ^[0-9]+$ && -r /proc/$pid/comm && $(</proc/"$pid"/comm) == "$comm" ]]
+    [[ $pid =~ ^[0-9]+$ ]] || return 1
+    stat=$(cat "/proc/$pid/stat" 2>/dev/null) || return 1
+    # /proc/PID/stat is "PID (COMM) STATE ..."
+    [[ $stat == "$pid ($comm) "* && $stat != "$pid ($comm) Z"* ]]
 }
+
+pid_running() { [[ -r /proc/$1/stat && $(cat "/proc/$1/stat" 2>/dev/null) != "$1 ("*") Z"* ]]; }
 
 # stop_pidfiles PIDFILE...: TERM them all at once (each Slurm daemon takes ~2 s to exit),
 # wait up to 15 s, then KILL what is left.
@@ -60,17 +66,17 @@ stop_pidfiles() {
     done
     for pid in "${pids[@]}"; do
         for ((i = 0; i < 150; i++)); do
-            [[ -d /proc/$pid ]] || break
+            pid_running "$pid" || break
             sleep 0.1
         done
-        if [[ -d /proc/$pid ]]; then
+        if pid_running "$pid"; then
             log "process $pid ignored TERM; killing it"
             kill -KILL "$pid" 2>/dev/null || true
         fi
     done
 }
 
-# wait_for SECONDS DESCRIPTION COMMAND...: poll COMMAND every 0.5 s.
+# wait_for SECONDS DESCRIPTION COMMAND...: poll COMMAND every 0.5 s; die with the logs.
 wait_for() {
     local secs=$1 what=$2 i
     shift 2
@@ -78,9 +84,8 @@ wait_for() {
         "$@" >/dev/null 2>&1 && return 0
         sleep 0.5
     done
-    log "timed out after ${secs}s waiting for $what"
     dump_logs
-    return 1
+    die "timed out after ${secs}s waiting for $what"
 }
 
 dump_logs() {
@@ -88,7 +93,8 @@ dump_logs() {
     for f in "$LOG_DIR"/*.log; do
         [[ -f $f && $f != "$JOBCOMP_FILE" ]] || continue
         printf '\n===== tail %s =====\n' "$f" >&2
-        tail -n 25 "$f" >&2
+        # Without libpmix2 every daemon logs that the mpi/pmix plugins cannot load; harmless here.
+        grep -vE 'pmix|MPI: Cannot create context' "$f" | tail -n 25 >&2 || true
     done
 }
 
@@ -305,6 +311,12 @@ nodes_up() {
     [[ $(grep -cE ' (idle|mix|alloc|comp)$' <<<"$states") -eq ${#NODES[@]} ]]
 }
 
+any_slurm_alive() {
+    local f
+    for f in "$RUN_DIR"/*.pid; do alive "$f" && return 0; done
+    return 1
+}
+
 daemons_alive() {
     local n
     munge_ok || return 1
@@ -321,7 +333,7 @@ stop_slurm() {
         # slurmstepd and job processes outlive slurmd: end the jobs while the controller can.
         ids=$(squeue -h -o %A 2>/dev/null || true)
         if [[ -n $ids ]]; then
-            log "cancelling jobs: $(echo $ids)"
+            log "cancelling jobs: ${ids//$'\n'/ }"
             # shellcheck disable=SC2086
             scancel $ids 2>/dev/null || true
             for ((i = 0; i < 30; i++)); do
@@ -352,7 +364,7 @@ cmd_start() {
         log "already running"
         return 0
     fi
-    if ((CONFIG_CHANGED)) && { alive "$RUN_DIR/slurmctld.pid" || alive "$RUN_DIR/slurmdbd.pid"; }; then
+    if ((CONFIG_CHANGED)) && any_slurm_alive; then
         log "configuration changed; restarting Slurm daemons"
         stop_slurm
     fi
@@ -364,14 +376,22 @@ cmd_start() {
     fi
     start_slurmctld
     start_slurmd
-    if ! wait_for "$TIMEOUT" "${#NODES[@]} nodes in partition $PARTITION" nodes_up; then
-        sinfo -N -l >&2 || true
-        die "cluster did not come up"
-    fi
-    # Nodes drained by an earlier run stay drained across restarts; a test cluster starts clean.
-    if sinfo -h -N -t drain,drng -o %N 2>/dev/null | grep -q .; then
-        scontrol update NodeName="$NODE_RANGE" State=RESUME 2>/dev/null || true
-    fi
+    local deadline=$((SECONDS + TIMEOUT)) grace=$((SECONDS + 5))
+    until nodes_up; do
+        # Drained nodes stay drained across restarts (saved state); a test cluster starts clean.
+        if sinfo -h -N -t drain,drng -o %N 2>/dev/null | grep -q .; then
+            scontrol update NodeName="$NODE_RANGE" State=RESUME 2>/dev/null || true
+        fi
+        # Fail fast when a daemon died (e.g. its port is taken); the grace covers pid files
+        # that daemons write only after forking.
+        if ((SECONDS > deadline)) || { ((SECONDS > grace)) && ! daemons_alive; }; then
+            dump_logs
+            sinfo -N -l >&2 || true
+            cmd_status >&2 || true
+            die "cluster did not come up (waited $((SECONDS - t0))s)"
+        fi
+        sleep 0.5
+    done
     log "up in $((SECONDS - t0))s (accounting: $ACCOUNTING)"
     sinfo
 }

@@ -182,10 +182,13 @@ def submit(ctx, paths: RunPaths, salt: int = 0, rerun_from: str | None = None) -
         data_cfg, str(paths.data), attempt=attempt["data"], inputs=chunks,
         outputs=[File(str(paths.data / "manifest.json"))],
     )  # fmt: skip
+    # Batch sites run training on an MPIExecutor: the task asks for its nodes and ranks.
+    resources = getattr(ctx.site_module, "train_resources", lambda site, launch: None)(ctx.site, run_cfg.launch)
     trained = stages.train(
         train_command(ctx, paths), key=train_key, attempt=attempt["train"],
         inputs=[manifest.outputs[0]], outputs=[File(str(paths.train / "checkpoints"))],
         stdout=str(paths.train / "train.log"), stderr=str(paths.train / "train.err"),
+        **({"parsl_resource_specification": resources} if resources else {}),
     )  # fmt: skip
     exported = stages.export(
         str(paths.train / "checkpoints"), str(paths.model), key=train_key, attempt=attempt["export"],

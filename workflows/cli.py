@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -27,6 +27,7 @@ EPILOG = """examples:
   parsl-run workflows/pretrain.py --site local --set train.steps=50 --set model.preset=tiny
   parsl-run workflows/pretrain.py --site local --run-dir runs/exp1      # rerun the same line to resume
   parsl-run workflows/pretrain.py --site local --dry-run
+  parsl-run workflows/scaling.py --site frontier --set scaling.nodes=[1,2,4,8] --schedule nightly
   parsl-run --list-sites
 """
 
@@ -39,6 +40,9 @@ class WorkflowContext:
     site: SiteConfig
     site_module: ModuleType
     run_dir: Path
+    workflow_file: Path
+    config_file: Path | None = None
+    assignments: list[str] = field(default_factory=list)
     dry_run: bool = False
 
 
@@ -87,7 +91,12 @@ def make_context(args: argparse.Namespace) -> tuple[ModuleType, WorkflowContext]
     except (ValidationError, ValueError) as err:
         raise ConfigError(f"site {args.site!r}: {err}") from err
     run_dir = (args.run_dir or Path("runs") / f"{Path(args.workflow).stem}-{args.site}").resolve()
-    ctx = WorkflowContext(run=run, site=site, site_module=module, run_dir=run_dir, dry_run=args.dry_run)
+    ctx = WorkflowContext(
+        run=run, site=site, site_module=module, run_dir=run_dir, workflow_file=args.workflow,
+        config_file=args.config, assignments=list(args.set), dry_run=args.dry_run,
+    )  # fmt: skip
+    if (args.schedule or args.unschedule) and not hasattr(workflow, "schedule"):
+        raise ConfigError(f"workflow {args.workflow} cannot be scheduled (no schedule function)")
     if hasattr(module, "check"):
         try:
             module.check(site, run)
@@ -115,6 +124,9 @@ def parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     p.add_argument("--dry-run", action="store_true", help="print the DAG and launch scripts; submit nothing")
     p.add_argument("--list-sites", action="store_true", help="list the available sites and exit")
+    when = p.add_mutually_exclusive_group()
+    when.add_argument("--schedule", choices=["nightly"], help="install the run as a nightly job (scaling)")
+    when.add_argument("--unschedule", action="store_true", help="remove the nightly job of this run dir")
     return p
 
 
@@ -137,6 +149,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.dry_run:
         print(workflow.describe(ctx))
         return 0
+    if args.schedule or args.unschedule:
+        try:
+            return int(workflow.schedule(ctx, args.schedule or "off"))
+        except RuntimeError as err:
+            print(f"parsl-run: {err}", file=sys.stderr)
+            return 1
     return int(workflow.run(ctx))
 
 

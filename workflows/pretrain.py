@@ -162,34 +162,18 @@ def run(ctx) -> int:
 def submit(ctx, paths: RunPaths, salt: int = 0, rerun_from: str | None = None) -> dict[str, list]:
     """Submit the whole DAG. Each app's cache key holds the config its outputs depend on; stages from
     ``rerun_from`` on also get ``salt``, so Parsl cannot answer them from its checkpoint again."""
-    from dataclasses import asdict
-
     from parsl.data_provider.files import File
 
-    from data_prep.pipeline import plan_chunks
     from workflows import stages
 
     run_cfg: RunConfig = ctx.run
     late = set(STAGES[STAGES.index(rerun_from) :]) if rerun_from else set()
     attempt = {name: salt if name in late else 0 for name in STAGES}
-    data_cfg = run_cfg.data.model_dump(mode="json")
     train_key = fingerprint(run_cfg.data, run_cfg.model, run_cfg.loss, run_cfg.train, run_cfg.parallel)
-    chunks = [
-        stages.prepare_chunk(asdict(chunk), data_cfg, str(paths.data), attempt=attempt["data"])
-        for chunk in plan_chunks(run_cfg.data)
-    ]
-    manifest = stages.finalize_data(
-        data_cfg, str(paths.data), attempt=attempt["data"], inputs=chunks,
-        outputs=[File(str(paths.data / "manifest.json"))],
-    )  # fmt: skip
-    # Batch sites run training on an MPIExecutor: the task asks for its nodes and ranks.
-    resources = getattr(ctx.site_module, "train_resources", lambda site, launch: None)(ctx.site, run_cfg.launch)
-    trained = stages.train(
-        train_command(ctx, paths), key=train_key, attempt=attempt["train"],
-        inputs=[manifest.outputs[0]], outputs=[File(str(paths.train / "checkpoints"))],
-        stdout=str(paths.train / "train.log"), stderr=str(paths.train / "train.err"),
-        **({"parsl_resource_specification": resources} if resources else {}),
-    )  # fmt: skip
+    chunks, manifest = stages.submit_data(run_cfg.data, paths.data, attempt["data"])
+    trained = stages.submit_train(
+        ctx, train_command(ctx, paths), paths.train, manifest, train_key, run_cfg.launch, attempt["train"]
+    )
     exported = stages.export(
         str(paths.train / "checkpoints"), str(paths.model), key=train_key, attempt=attempt["export"],
         inputs=[trained.outputs[0]], outputs=[File(str(paths.model))],

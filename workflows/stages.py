@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import hashlib
 import os
+from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
 from parsl import bash_app, python_app
 from parsl.data_provider.files import File
@@ -91,6 +93,31 @@ def evaluate(
     return evaluate_model(Path(model_path), Path(data_dir), Path(out_dir), max_per_task=max_per_task)
 
 
+def submit_data(data, data_dir: Path, attempt: int = 0) -> tuple[list, Any]:
+    """One cached app per input chunk, then the manifest app; returns (chunk futures, manifest future)."""
+    from data_prep.pipeline import plan_chunks
+
+    data_cfg = data.model_dump(mode="json")
+    chunks = [prepare_chunk(asdict(c), data_cfg, str(data_dir), attempt=attempt) for c in plan_chunks(data)]
+    manifest_file = File(str(data_dir / "manifest.json"))
+    manifest = finalize_data(data_cfg, str(data_dir), attempt=attempt, inputs=chunks, outputs=[manifest_file])
+    return chunks, manifest
+
+
+def submit_train(
+    ctx, command: str, train_dir: Path, manifest, key: str, launch, attempt: int = 0
+) -> Any:  # fmt: skip
+    """The training bash app after ``manifest``; batch sites get the task's nodes and ranks (``launch``)
+    as its resource specification (an MPIExecutor places the ranks)."""
+    resources = getattr(ctx.site_module, "train_resources", lambda site, launch: None)(ctx.site, launch)
+    return train(
+        command, key=key, attempt=attempt,
+        inputs=[manifest.outputs[0]], outputs=[File(str(train_dir / "checkpoints"))],
+        stdout=str(train_dir / "train.log"), stderr=str(train_dir / "train.err"),
+        **({"parsl_resource_specification": resources} if resources else {}),
+    )  # fmt: skip
+
+
 def data_complete(data_dir: Path) -> bool:
     from data_prep.pipeline import is_complete
 
@@ -119,8 +146,12 @@ def eval_complete(eval_dir: Path, model_path: Path) -> bool:
     return metrics.is_file() and model_path.is_file() and evaluated_model(metrics) == file_sha256(model_path)
 
 
-def write_atomic(path: Path, text: str) -> None:
+def write_atomic(path: Path, data: str | bytes) -> None:
+    """Write to a temporary name, then rename: readers never see a partial file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
+    if isinstance(data, bytes):
+        tmp.write_bytes(data)
+    else:
+        tmp.write_text(data)
     os.replace(tmp, path)

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import parsl
 import pytest
 
-from tests.conftest import parsl_run
+from tests.conftest import ROOT, parsl_run
+from workflows.cli import main
 
 WORKFLOW = "workflows/pretrain.py"
 
@@ -42,12 +44,15 @@ def test_list_sites_includes_local():
         (["--site", "local", "--set", "train.steps"], ["expected key.path=value"]),
     ],
 )
-def test_bad_input_fails_before_parsl(tmp_path: Path, args: list[str], expected: list[str]):
-    result = parsl_run(WORKFLOW, *args, "--run-dir", str(tmp_path / "run"))
-    assert result.returncode == 2, result.stdout + result.stderr
+def test_bad_input_fails_before_parsl(tmp_path: Path, capsys, args: list[str], expected: list[str]):
+    status = main([str(ROOT / WORKFLOW), *args, "--run-dir", str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    assert status == 2, err
     for text in expected:
-        assert text in result.stderr, result.stderr
+        assert text in err, err
     assert not (tmp_path / "run").exists(), "nothing may be created before the config validates"
+    with pytest.raises(parsl.errors.NoDataFlowKernelError):
+        parsl.dfk()  # Parsl was never started
 
 
 def test_missing_config_file(tmp_path: Path):

@@ -18,6 +18,15 @@ Schema version 1 (file attributes: ``schema_version``, ``split`` ("train"/"val")
 Arrays are chunked along the first axis, byte-shuffled and lzf-compressed (fast to decompress for random
 reads; on data/crystals_pbe the shuffle filter cut shards from 9.0 to 7.1 kB per structure and write time
 by 30 %).
+
+Stored vs rebuilt: shards hold the 6 Å two-body graph (edges + integer cell shifts); the 4 Å line graph
+(triplets of bonds sharing a centre) is rebuilt per batch by ``matris.model.line_graph`` on the device that
+runs the model. Measured by ``benchmarks/bench_data_prep.py`` on data/crystals_pbe (2 shared cores): 5,304
+triplets per structure would add 11.2 kB per structure (int32 pairs, lzf + shuffle) to today's 7.5 kB, i.e.
+2.5x the shard bytes and the read/decompress time, and would freeze the model's ``three_body_cutoff`` into
+the data. Rebuilding measured 9.1 ms per structure on CPU in 512-atom batches under a load average of 6.7
+(0.2 µs per triplet on an idle core: ~1 ms), on the GPU less, against CPU training steps of 0.1 s (tiny) and
+1 s (matris-6l) per structure (``benchmarks/bench_loader.py``). Molecules: 237 triplets, 0.3 kB, 0.7 ms.
 """
 
 from __future__ import annotations

@@ -8,6 +8,7 @@ only for fully periodic structures, where it is defined.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -76,7 +77,7 @@ def _array(value, shape: tuple[int, ...], field: str) -> np.ndarray:
         array = np.asarray(value, dtype=np.float64)
     except (TypeError, ValueError) as error:
         raise Rejected(field, f"not numeric ({error})") from error
-    if array.size != int(np.prod(shape)):
+    if array.size != math.prod(shape):
         raise Rejected(field, f"wrong shape {array.shape}, expected {shape}")
     array = array.reshape(shape)
     if not np.isfinite(array).all():

@@ -68,9 +68,9 @@ def test_sample_round_trip(sample_dir):
     stored = by_record(sample_dir)
     originals = {(p.name, i): a for p in SAMPLE_FILES for i, a in enumerate(ase.io.read(p, ":"))}
     assert manifest["n_rejected"] == 0
-    assert manifest["n_structures"] == len(originals) == len(stored) == 602
+    assert manifest["n_structures"] == len(originals) == len(stored) == 604
     assert manifest["tasks"] == ["alloy-emt", "crystal-pbe", "crystal-r2scan", "molecule-gfn2"]
-    assert manifest["n_train"] + manifest["n_val"] == 602 and 30 < manifest["n_val"] < 90
+    assert manifest["n_train"] + manifest["n_val"] == 604 and 30 < manifest["n_val"] < 90
     for key, original in originals.items():
         atoms = stored[key]
         stress = original.info.get("REF_stress")

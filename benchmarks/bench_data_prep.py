@@ -38,6 +38,7 @@ from rich.table import Table
 
 from data_prep import BatchPlan, DataConfig, GraphDataset, finalize, plan_chunks, write_chunk
 from data_prep.readers import count_records
+from data_prep.readers import extxyz as extxyz_reader
 from matris.batch import collate
 from matris.model import line_graph
 
@@ -173,8 +174,11 @@ def fmt(value: float | None, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
 
-def print_tables(console: Console, rows: list[dict], trip: dict[str, dict], load: float) -> None:
-    title = f"data preparation, {os.cpu_count()} cores, load average {load:.1f} at start"
+def print_tables(console: Console, rows: list[dict], trip: dict[str, dict], report: dict) -> None:
+    title = (
+        f"data preparation, {os.cpu_count()} cores, load average {report['load_average']:.1f} at start, "
+        f"extxyz parsed by {report['extxyz_parser']}"
+    )
     table = Table(title=f"{title} (ratios: ours 1 process / 2 processes)")
     columns = ("input", "tool", "structures", "read s", "graph s", "total s", "structures/s", "ours ÷ tool")
     for column in (*columns, "bytes/structure", "edges/structure"):
@@ -237,7 +241,12 @@ def main(argv: list[str] | None = None) -> int:
     if missing:
         console.print(f"[red]error:[/red] input file not found: {', '.join(missing)}")
         return 1
-    report: dict = {"cores": os.cpu_count(), "load_average": os.getloadavg()[0], "inputs": {}}
+    report: dict = {
+        "cores": os.cpu_count(),
+        "load_average": os.getloadavg()[0],
+        "extxyz_parser": "ASE" if extxyz_reader._fastxyz is None else "libextxyz",
+        "inputs": {},
+    }
     rows, trip = [], {}
     for path in args.input:
         frames = count_records(path) if args.frames is None else min(args.frames, count_records(path))
@@ -259,7 +268,7 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(row)
         trip[path.name] = result["triplets"]
         report["inputs"][path.name] = result
-    print_tables(console, rows, trip, report["load_average"])
+    print_tables(console, rows, trip, report)
     print(json.dumps(report, indent=1))
     return 0
 

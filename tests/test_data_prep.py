@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import pickle
@@ -31,6 +32,7 @@ from data_prep import (
 )
 from data_prep.__main__ import main as cli
 from data_prep.readers import count_records, read_records
+from data_prep.readers import extxyz as extxyz_reader
 from matris.batch import collate
 
 SAMPLE = Path(__file__).resolve().parents[1] / "sample_data"
@@ -245,6 +247,53 @@ def test_quarantine(tmp_path):
     assert "truncated" in lines[-1]["reason"]
     assert manifest["n_rejected"] == 5 and manifest["n_structures"] == 2
     assert sorted(a.info["index"] for a in iter_atoms(tmp_path / "out")) == [0, 5]
+
+
+EDGE_FRAMES = (
+    "3\n"
+    'Lattice="4 0 0 0.5 4 0 0 0.25 4" Properties=species:S:1:pos:R:3:forces:R:3:charge:R:1:REF_magmoms:R:1'
+    ':tag:I:1:fixed:L:1 energy=-3.5 free_energy=-3.25 stress="1 2 3 4 5 6 7 8 9" REF_stress="1 2 3 4 5 6 7 8'
+    ' 9" task=crystal-pbe spin=3 charge=-1 missing=nan flags="T F T" blob="_JSON [1, 2]" note="a \\"b\\""'
+    ' pbc="T T F"\n'
+    "h 0.0 0.0 0.0 0.1 0.2 0.3 0.5 1.5 7 T\n"
+    "Fe 1.0 1.5 2.0 -0.1 -0.2 -0.3 -0.5 -1.5 8 F\n"
+    "O 2.0 2.5 3.0 1e-3 2.5e-7 -0.0 0.0 0.0 9 T\n"
+    "2\n"
+    "a plain comment\n"
+    "C 0 0 0\n"
+    "O 0 0 1.128\n"
+    "2\n"
+    "Properties=species:S:1:pos:R:3:move_mask:L:1 REF_energy=inf\n"
+    "C 0 0 0 T\n"
+    "O 0 0 1.128 F\n"
+)
+
+
+def assert_identical(got: Atoms, expected: Atoms) -> None:
+    for name in ("numbers", "positions", "cell", "pbc"):
+        np.testing.assert_array_equal(getattr(got, name), getattr(expected, name))
+    results = [a.calc.results if a.calc else {} for a in (got, expected)]
+    for mine, theirs in ((got.info, expected.info), (got.arrays, expected.arrays), results):
+        assert mine.keys() == theirs.keys()
+        for key, value in mine.items():
+            assert np.asarray(value).dtype.kind == np.asarray(theirs[key]).dtype.kind, key
+            np.testing.assert_array_equal(value, theirs[key], err_msg=key)  # exact; NaN equals NaN
+
+
+def test_extxyz_reader_gives_ases_atoms(tmp_path):
+    """With libextxyz or without, the reader's Atoms are ASE's: sample files and edge cases (calculator keys,
+    flat 9-vectors, nan, bool lists, JSON; a plain comment and move_mask, which are left to ASE)."""
+    if importlib.util.find_spec("extxyz") is not None:
+        assert extxyz_reader._fastxyz is not None
+    path = tmp_path / "edge.extxyz"
+    path.write_text(EDGE_FRAMES)
+    for source in [*SAMPLE_FILES, path]:
+        expected = ase.io.read(source, ":")
+        got = [atoms for _, atoms in read_records(source)]
+        assert len(got) == len(expected)
+        for mine, theirs in zip(got, expected, strict=True):
+            assert_identical(mine, theirs)
+    assert len(got[2].constraints) == 1
 
 
 def test_strict_names_file_record_and_field(tmp_path, capsys):

@@ -1,29 +1,43 @@
 """Consolidate a sharded training checkpoint into one deployable model file.
 
     python -m matris.export --checkpoint RUN/train/checkpoints --out RUN/export/model.safetensors
+        [--keep-elements H,C,O] [--deploy RUN/export/model.pt2]
+    python -m matris.export --model RUN/export/model.safetensors
+        [--keep-elements H,C,O --out small.safetensors] [--deploy model.pt2]
+    python -m matris.export --show RUN/export/model.safetensors
 
 Reads the newest complete checkpoint directory (one holding ``train_state.json``) written by
 `janus.checkpoint`: torch.distributed.checkpoint shards under the ``model.`` prefix plus
 ``model_config.json``. DCP reloads any number of shards into one process, so this needs no process group
-and no janus import; the result is written atomically with the checkpoint it came from in its metadata.
+and no janus import. The file is written atomically and records its provenance (checkpoint, step, world
+size, seed, sha256 of the data manifest, git commit, date, versions) and the element vocabulary of the
+training data, so a model found on disk can be traced back to the run and data that made it.
+``--keep-elements`` prunes the MoE experts those elements cannot reach (`matris.prune`); ``--deploy``
+also writes the torch.export inference artifact for MD codes (`matris.deploy`).
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
+import hashlib
 import json
 import os
 import re
+import subprocess
 import sys
 import warnings
+from importlib import metadata as package_metadata
 from pathlib import Path
 from typing import Any
 
+import torch
 import torch.distributed.checkpoint as dcp
 
 from matris.config import ModelConfig
-from matris.io import metadata, save
+from matris.io import load, metadata, read_header, save
 from matris.model import MatRIS
+from matris.prune import parse_elements, prune_elements
 
 STEP_DIR = re.compile(r"^step_(\d+)$")
 
@@ -50,21 +64,84 @@ def consolidate(checkpoint: Path) -> MatRIS:
     return model.eval()
 
 
-def export_checkpoint(root: Path, out_path: Path) -> dict[str, Any]:
+def export_checkpoint(
+    root: Path,
+    out_path: Path,
+    data_dir: Path | None = None,
+    keep_elements: list[int] | None = None,
+    deploy_path: Path | None = None,
+) -> dict[str, Any]:
+    """Write the newest checkpoint under ``root`` as one model file; returns its provenance.
+
+    ``data_dir`` (default: the ``data/`` folder of the run the checkpoint lies in, if there is one) gives
+    the manifest whose sha256 and element vocabulary are recorded.
+    """
     checkpoint = newest_checkpoint(root)
     train_state = json.loads((checkpoint / "train_state.json").read_text())
     model = consolidate(checkpoint)
+    manifest = _find_manifest(checkpoint, data_dir)
     provenance = {
         "checkpoint": checkpoint.name,
         "step": train_state["step"],
         "trained_world_size": train_state.get("world_size"),
         "seed": train_state.get("seed"),
+        "data_manifest": str(manifest) if manifest else None,
+        "data_manifest_sha256": _sha256(manifest) if manifest else None,
+        "elements": _elements(model, manifest),
+        "git_commit": _git_commit(),
+        "exported_at": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "matris_version": _version("matris-janus"),
+        "torch_version": torch.__version__,
     }
-    out_path = Path(out_path)
-    tmp = out_path.with_name(out_path.name + ".tmp")
-    save(model, tmp, metadata=provenance)
-    os.replace(tmp, out_path)
+    if keep_elements:
+        provenance["pruned_from_experts"] = model.config.num_experts
+        model = prune_elements(model, keep_elements)
+    _write(model, Path(out_path), provenance)
+    if deploy_path is not None:
+        from matris.deploy import write_artifact
+
+        write_artifact(model, Path(deploy_path), source=Path(out_path))
     return {"model": str(out_path), **provenance}
+
+
+def export_model(
+    model_path: Path,
+    out_path: Path | None = None,
+    keep_elements: list[int] | None = None,
+    deploy_path: Path | None = None,
+) -> dict[str, Any]:
+    """Prune an exported model file to ``keep_elements`` (written to ``out_path``, provenance kept) and/or
+    write its inference artifact to ``deploy_path``."""
+    model, info, source = load(model_path), metadata(model_path), Path(model_path)
+    if keep_elements:
+        if out_path is None:
+            raise ValueError("pruning needs an output model file")
+        info = {**info, "pruned_from": str(model_path)}
+        info.setdefault("pruned_from_experts", model.config.num_experts)
+        model, source = prune_elements(model, keep_elements), Path(out_path)
+        _write(model, source, info)
+    if deploy_path is not None:
+        from matris.deploy import write_artifact
+
+        write_artifact(model, Path(deploy_path), source=source)
+    return {"model": str(source), **info}
+
+
+def describe(path: Path) -> dict[str, Any]:
+    """What a model file holds, read from its header without loading the weights."""
+    header = read_header(path)
+    config = json.loads(header.get("config", "{}"))
+    return {
+        "file": str(path),
+        "bytes": Path(path).stat().st_size,
+        "format": header.get("format"),
+        "version": header.get("version"),
+        "preset": config.get("preset"),
+        "num_experts": config.get("num_experts"),
+        "tasks": json.loads(header.get("tasks", "[]")),
+        "reference_energies": json.loads(header.get("reference_energies", "{}")),
+        "provenance": json.loads(header.get("metadata", "{}")),
+    }
 
 
 def exported_from(model_path: Path) -> str | None:
@@ -75,17 +152,80 @@ def exported_from(model_path: Path) -> str | None:
         return None
 
 
+def _write(model: MatRIS, out_path: Path, info: dict[str, Any]) -> None:
+    tmp = out_path.with_name(out_path.name + ".tmp")
+    save(model, tmp, metadata=info)
+    os.replace(tmp, out_path)
+
+
+def _find_manifest(checkpoint: Path, data_dir: Path | None) -> Path | None:
+    """``data_dir/manifest.json``, else ``RUN/data/manifest.json`` for a checkpoint under ``RUN/train``."""
+    candidates = [Path(data_dir)] if data_dir else [p / "data" for p in checkpoint.resolve().parents[:4]]
+    return next((d / "manifest.json" for d in candidates if (d / "manifest.json").is_file()), None)
+
+
+def _elements(model: MatRIS, manifest: Path | None) -> list[int]:
+    """Elements of the training data: the manifest's element counts, else those with a reference energy."""
+    if manifest is not None:
+        counts = json.loads(manifest.read_text()).get("elements")
+        if counts:
+            return sorted(int(z) for z in counts)
+    return torch.nonzero(model.reference_energy.abs().sum(0)).flatten().tolist()
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _git_commit() -> str | None:
+    """Commit of the source tree this package runs from, when it is a git checkout."""
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            cwd=Path(__file__).parent,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip() if out.returncode == 0 else None
+
+
+def _version(package: str) -> str | None:
+    try:
+        return package_metadata.version(package)
+    except package_metadata.PackageNotFoundError:
+        return None
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m matris.export", description=__doc__.splitlines()[0])
-    parser.add_argument("--checkpoint", type=Path, required=True, help="checkpoints folder or one step_* dir")
-    parser.add_argument("--out", type=Path, required=True, help="model file to write (.safetensors)")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--checkpoint", type=Path, help="checkpoints folder or one step_* dir")
+    source.add_argument("--model", type=Path, help="an exported model file to prune and/or deploy")
+    source.add_argument("--show", type=Path, metavar="FILE", help="print what a model file holds")
+    parser.add_argument("--out", type=Path, help="model file to write (.safetensors)")
+    parser.add_argument("--data", type=Path, help="prepared data folder (default: RUN/data beside the run)")
+    parser.add_argument("--keep-elements", help="prune to these elements, e.g. H,C,O (MoE models)")
+    parser.add_argument("--deploy", type=Path, help="also write the torch.export inference artifact (.pt2)")
     args = parser.parse_args(argv)
+    if args.checkpoint is not None and args.out is None:
+        parser.error("--checkpoint needs --out")
+    if args.model is not None and not ((args.keep_elements and args.out) or args.deploy):
+        parser.error("--model needs --keep-elements with --out, or --deploy")
     try:
-        info = export_checkpoint(args.checkpoint, args.out)
+        keep = parse_elements(args.keep_elements) if args.keep_elements else None
+        if args.show is not None:
+            info = describe(args.show)
+        elif args.model is not None:
+            info = export_model(args.model, args.out, keep, args.deploy)
+        else:
+            info = export_checkpoint(args.checkpoint, args.out, args.data, keep, args.deploy)
     except (FileNotFoundError, ValueError) as err:
         print(f"matris.export: {err}", file=sys.stderr)
         return 1
-    print(json.dumps(info, indent=1))
+    print("\n".join(f"{key}: {json.dumps(value)}" for key, value in info.items()))
     return 0
 
 

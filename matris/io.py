@@ -2,6 +2,10 @@
 
 The header also carries a sha256 of the tensor payload (names, dtypes, shapes and bytes in name order),
 checked at load, so a truncated or altered file is refused instead of silently giving wrong energies.
+Besides the config it holds the per-task per-element reference energies in readable form, so a user can
+see what a file contains without loading it (``python -m matris.export --show FILE``). A model pruned to
+some elements (`matris.prune`) carries an ``allowed_elements`` tensor; ``load`` turns it back into a guard
+that refuses structures with other elements, because the experts those elements routed to are gone.
 """
 
 from __future__ import annotations
@@ -12,12 +16,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from ase.data import chemical_symbols
 from pydantic import ValidationError
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from matris.config import ModelConfig
 from matris.model import MatRIS
+from matris.prune import ALLOWED, restrict_elements
 
 FORMAT = "matris"
 VERSION = "1"
@@ -42,6 +48,7 @@ def save(model: MatRIS, path: str | Path, metadata: dict[str, Any] | None = None
         "config": model.config.model_dump_json(),
         "tasks": json.dumps(model.config.tasks),
         "reference_energy": json.dumps(model.reference_energy.tolist()),
+        "reference_energies": json.dumps(reference_energies(model)),
         "metadata": json.dumps(metadata or {}),
         "sha256": _digest(tensors),
     }
@@ -79,12 +86,26 @@ def load(path: str | Path, device: str | torch.device = "cpu") -> MatRIS:
     if _digest(tensors) != meta.get("sha256"):
         raise ValueError(f"{path} is corrupted: tensor checksum does not match the header")
     dtype = next(t.dtype for t in tensors.values() if t.is_floating_point())
+    allowed = tensors.pop(ALLOWED, None)
     model = MatRIS(config).to(dtype)
     try:
         model.load_state_dict(tensors, strict=True)
     except RuntimeError as e:
         raise ValueError(f"{path} does not match its own config: {e}") from e
+    if allowed is not None:
+        restrict_elements(model, allowed.tolist())
     return model.to(device).eval()
+
+
+def reference_energies(model: MatRIS) -> dict[str, dict[str, float]]:
+    """Non-zero reference energies (eV) by task and element symbol: the readable view of the buffer."""
+    table = model.reference_energy.detach().cpu().double()
+    return {
+        task: {
+            chemical_symbols[z]: float(table[row, z]) for z in torch.nonzero(table[row]).flatten().tolist()
+        }
+        for row, task in enumerate(model.config.tasks)
+    }
 
 
 def metadata(path: str | Path) -> dict[str, Any]:

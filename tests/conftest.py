@@ -18,6 +18,7 @@ SMALL_RUN = [
     "--set", "train.warmup_steps=2",
     "--set", "train.max_atoms_per_batch=256",
     "--set", "eval.max_structures_per_task=8",
+    "--set", "eval.md_steps=20",
 ]  # fmt: skip
 
 

@@ -48,6 +48,12 @@ def test_pretrain_end_to_end_then_rerun_skips(tmp_path: Path):
         if task != "molecule-gfn2":
             assert values["stress_mae_mev_per_a3"] is not None and values["stress_mae_mev_per_a3"] >= 0
     assert "held-out errors" in result.stdout and "crystal-pbe" in result.stdout
+    # MD stability: one NVE run per periodic task and one molecule, each with a verdict.
+    md_tasks = {line["task"] for line in metrics["md"]}
+    assert md_tasks == set(manifest["tasks"]), md_tasks
+    assert all(isinstance(line["stable"], bool) and line["steps"] > 0 for line in metrics["md"])
+    assert metrics["fd_check"] and (run_dir / "eval" / "parity.png").exists()
+    assert (run_dir / "eval" / "training.png").exists()
 
     summary = json.loads((run_dir / "summary.json").read_text())
     assert {name: s["status"] for name, s in summary["stages"].items()} == dict.fromkeys(
@@ -58,7 +64,8 @@ def test_pretrain_end_to_end_then_rerun_skips(tmp_path: Path):
     check = (
         "import json, sys, matris, numpy as np\n"
         "from matris.evaluate import evaluate_model\n"
-        f"m = evaluate_model('{run_dir}/export/model.safetensors', '{run_dir}/data', '{tmp_path}/again', 8)\n"
+        f"m = evaluate_model('{run_dir}/export/model.safetensors', '{run_dir}/data', '{tmp_path}/again', 8,\n"
+        "                   md_steps=0, fd_structures=0, plots=False)\n"
         "assert 'janus' not in sys.modules and 'parsl' not in sys.modules, sorted(sys.modules)\n"
         f"old = json.load(open('{run_dir}/eval/metrics.json'))\n"
         "for t in old['tasks']:\n"

@@ -87,7 +87,7 @@ def make_context(args: argparse.Namespace) -> tuple[ModuleType, WorkflowContext]
         raise ConfigError(str(err)) from err
     run = resolve_run_config(workflow.CONFIG, args.config, args.set)
     try:
-        site = site_configs.resolve(args.site, run.site.given())
+        site = site_configs.resolve(args.site, run.site.given(), args.sites_file)
     except (ValidationError, ValueError) as err:
         raise ConfigError(f"site {args.site!r}: {err}") from err
     run_dir = (args.run_dir or Path("runs") / f"{Path(args.workflow).stem}-{args.site}").resolve()
@@ -121,6 +121,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--set", action="append", default=[], metavar="KEY.PATH=VALUE",
         help="override a run-config key, e.g. train.steps=100, model.preset=moe-s, site.account=abc123",
+    )  # fmt: skip
+    p.add_argument(
+        "--sites-file", type=Path, metavar="YAML",
+        help="per-user site settings (account, worker_init, ...); "
+        "default $XDG_CONFIG_HOME/matris-janus/sites.yaml",
     )  # fmt: skip
     p.add_argument("--dry-run", action="store_true", help="print the DAG and launch scripts; submit nothing")
     p.add_argument("--list-sites", action="store_true", help="list the available sites and exit")

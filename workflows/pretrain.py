@@ -121,7 +121,7 @@ def run(ctx) -> int:
     import parsl
 
     from workflows import stages
-    from workflows.report import print_eval_table, print_stage_table
+    from workflows.report import print_evaluation, print_stage_table
 
     run_cfg: RunConfig = ctx.run
     paths = RunPaths(ctx.run_dir)
@@ -155,7 +155,7 @@ def run(ctx) -> int:
         print(f"parsl-run: stage {failed!r} failed: {records[failed].detail}")
         print(f"parsl-run: fix the cause and rerun the same command to resume ({paths.summary})")
         return 1
-    print_eval_table(paths.eval / "metrics.json")
+    print_evaluation(paths.eval / "metrics.json")
     return 0
 
 
@@ -179,7 +179,7 @@ def submit(ctx, paths: RunPaths, salt: int = 0, rerun_from: str | None = None) -
         inputs=[trained.outputs[0]], outputs=[File(str(paths.model))],
     )  # fmt: skip
     evaluated = stages.evaluate(
-        str(paths.model), str(paths.data), str(paths.eval), run_cfg.eval.max_structures_per_task,
+        str(paths.model), str(paths.data), str(paths.eval), run_cfg.eval.model_dump(mode="json"),
         key=train_key, attempt=attempt["evaluate"], inputs=[exported.outputs[0]],
         outputs=[File(str(paths.eval / "metrics.json"))],
     )  # fmt: skip

@@ -8,6 +8,11 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from matris.evaluate import COLUMNS, report_lines, table_rows
+
+# The console table keeps to 80 columns; metrics.json and `python -m matris.evaluate` have every metric.
+BRIEF = ("energy_mae_mev_per_atom", "force_mae_mev_per_a", "stress_mae_mev_per_a3")
+
 
 def print_stage_table(records: dict) -> None:
     table = Table(title="stages")
@@ -20,19 +25,26 @@ def print_stage_table(records: dict) -> None:
 
 
 def print_eval_table(metrics_path: Path) -> None:
+    """Per-task held-out errors (and the baseline's, row under row, when the evaluation had one)."""
     if not metrics_path.is_file():
         return
     metrics = json.loads(metrics_path.read_text())
-    table = Table(title=f"held-out errors ({metrics_path})")
-    for column in ("task", "structures", "energy MAE meV/atom", "force MAE meV/Å", "stress MAE meV/Å³"):
-        table.add_column(column, justify="right" if column != "task" else "left")
-    for task, values in metrics["tasks"].items():
-        stress = values.get("stress_mae_mev_per_a3")
-        table.add_row(
-            task,
-            str(values["n_structures"]),
-            f"{values['energy_mae_mev_per_atom']:.1f}",
-            f"{values['force_mae_mev_per_a']:.1f}",
-            "—" if stress is None else f"{stress:.2f}",
-        )
+    header, rows = table_rows(metrics, [c for c in COLUMNS if c[1] in BRIEF])
+    title = f"held-out errors ({metrics_path})"
+    if "baseline" in metrics:
+        title += f" vs baseline {metrics['baseline']['model']}"
+    table = Table(title=title)
+    table.add_column(header[0], no_wrap=True)  # full task names: users and tests grep for them
+    for column in header[1:]:
+        table.add_column(column, justify="right")
+    for row in rows:
+        table.add_row(*row)
     Console().print(table)
+
+
+def print_evaluation(metrics_path: Path) -> None:
+    """The error table, then one line per MD stability run, the finite-difference check and the plots."""
+    print_eval_table(metrics_path)
+    if metrics_path.is_file():
+        for line in report_lines(json.loads(metrics_path.read_text())):
+            Console().print(line, highlight=False, soft_wrap=True)

@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from data_prep.config import DataConfig
 from janus.config import ModelChoice, ParallelConfig, TrainConfig
@@ -35,25 +35,42 @@ class LaunchConfig(Strict):
 
 class EvalConfig(Strict):
     max_structures_per_task: int = Field(200, ge=1, description="cap on held-out structures per task")
+    md_steps: int = Field(200, ge=0, description="NVE steps per MD stability sample (0: no MD)")
+    baseline: Path | None = Field(None, description="another exported model to score side by side")
+
+    @field_validator("baseline")
+    @classmethod
+    def _baseline_exists(cls, path: Path | None) -> Path | None:
+        if path is not None and not Path(path).is_file():
+            raise ValueError(f"eval.baseline: model file {path} not found")
+        return path
 
 
 class SiteFields(Strict):
-    """Run-config overrides of the site's fields (see `site_configs.schema.SiteConfig`); unset = default."""
+    """Run-config overrides of the site's fields (see `site_configs.schema.SiteConfig`, which validates
+    them); unset = the site's default, or the per-user file's value."""
 
     account: str | None = None
     partition: str | None = None
     qos: str | None = None
-    walltime: str | None = None
+    constraint: str | None = None
+    walltime: str | int | None = None  # YAML reads an unquoted 12:00:00 as the integer 43200
     nodes_per_block: int | None = None
     gpus_per_node: int | None = None
     cores_per_node: int | None = None
-    stage_workers: int | None = None
-    backend: str | None = None
+    cpu_bind: str | None = None
     launcher_options: list[str] | None = None
     scheduler_options: list[str] | None = None
     filesystems: str | None = None
     worker_init: str | None = None
     environment: dict[str, str] | None = None
+    backend: str | None = None
+    address: str | None = None
+    stage_partition: str | None = None
+    stage_walltime: str | int | None = None
+    stage_workers: int | None = None
+    stage_blocks: int | None = None
+    retries: int | None = None
 
     def given(self) -> dict[str, Any]:
         return {k: v for k, v in self.model_dump().items() if v is not None}

@@ -62,8 +62,10 @@ def train(
     outputs: tuple = (),
     stdout: str | None = None,
     stderr: str | None = None,
+    parsl_resource_specification: dict | None = None,
 ) -> str:
-    """Launch the training ranks with the site's launcher; janus resumes from its last checkpoint."""
+    """Launch the training ranks with the site's launcher; janus resumes from its last checkpoint.
+    ``parsl_resource_specification`` (nodes, ranks per node) is read by the MPIExecutor of batch sites."""
     return command
 
 
@@ -79,18 +81,23 @@ def export(
     """Consolidate the newest sharded checkpoint into one self-contained model file."""
     from matris.export import export_checkpoint
 
-    return export_checkpoint(Path(checkpoint_root), Path(out_path))
+    data_dir = Path(checkpoint_root).parent.parent / "data"
+    return export_checkpoint(Path(checkpoint_root), Path(out_path), data_dir=data_dir)
 
 
 @python_app(executors=["stages"], cache=True)
 def evaluate(
-    model_path: str, data_dir: str, out_dir: str, max_per_task: int, key: str = "", attempt: int = 0,
+    model_path: str, data_dir: str, out_dir: str, eval_config: dict, key: str = "", attempt: int = 0,
     inputs: tuple = (), outputs: tuple = (),
 ) -> dict:  # fmt: skip
     """Per-task errors of the exported model on the held-out split."""
     from matris.evaluate import evaluate_model
 
-    return evaluate_model(Path(model_path), Path(data_dir), Path(out_dir), max_per_task=max_per_task)
+    baseline = eval_config.get("baseline")
+    return evaluate_model(
+        Path(model_path), Path(data_dir), Path(out_dir), max_per_task=eval_config["max_structures_per_task"],
+        md_steps=eval_config["md_steps"], baseline=Path(baseline) if baseline else None,
+    )  # fmt: skip
 
 
 def submit_data(data, data_dir: Path, attempt: int = 0) -> tuple[list, Any]:

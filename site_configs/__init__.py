@@ -1,34 +1,48 @@
 """Machine configurations: one module per site, each building a Parsl `Config` and its launch lines.
 
-A site module defines ``DEFAULTS`` (a dict of `SiteConfig` fields, with the centre's guide cited in its
-docstring), ``parsl_config(site, run_dir)`` and ``train_command(site, launch, config_file)``. Users
-override fields through the run config's ``site.`` keys or the per-user file, never by editing the package.
+A site module ``site_configs/<name>.py`` (``-`` in the name becomes ``_``) defines:
+
+- ``DEFAULTS``: `SiteConfig` fields, with ``name``; the module docstring cites the centre's guide;
+- ``parsl_config(site, run_dir) -> parsl.Config`` with executors ``stages`` (data, export, evaluate) and
+  ``train`` (the training bash app);
+- ``train_command(site, nodes, ranks_per_node, config_file) -> str``: the training launch line;
+- optionally ``check(site, run_config)`` (raises ValueError naming the field; run before anything starts),
+  ``train_resources(site, launch) -> dict`` (the training app's ``parsl_resource_specification``) and
+  ``describe_submission(site, run_config, paths) -> str`` (the batch scripts, for ``--dry-run``).
+
+Users override fields through the per-user file (`user_file`) and the run config's ``site.`` keys, never by
+editing the package.
 """
 
 from __future__ import annotations
 
 import importlib
+import os
 import pkgutil
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
 import yaml
+from pydantic import ValidationError
 
 from site_configs.schema import SiteConfig
-
-USER_FILE = Path("~/.config/matris-janus/sites.yaml")
 
 
 class UnknownSite(ValueError):
     pass
 
 
+def user_file() -> Path:
+    """``$XDG_CONFIG_HOME/matris-janus/sites.yaml`` (``~/.config/...`` when unset): a mapping of site name
+    to `SiteConfig` fields, e.g. ``frontier: {account: ABC123, worker_init: "module load rocm/6.4.1"}``."""
+    config_home = os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config"
+    return Path(config_home) / "matris-janus" / "sites.yaml"
+
+
 def available_sites() -> list[str]:
     names = []
     for info in pkgutil.iter_modules(__path__):
-        if info.name == "schema" or info.name.startswith("_"):
-            continue
         module = importlib.import_module(f"{__name__}.{info.name}")
         if hasattr(module, "DEFAULTS"):
             names.append(module.DEFAULTS["name"])
@@ -41,22 +55,43 @@ def site_module(name: str) -> ModuleType:
     return importlib.import_module(f"{__name__}.{name.replace('-', '_')}")
 
 
-def user_overrides(name: str, path: Path = USER_FILE) -> dict[str, Any]:
-    """Per-user settings (account, environment set-up) from ``~/.config/matris-janus/sites.yaml``:
-    a mapping of site name to `SiteConfig` fields."""
-    path = path.expanduser()
+def user_overrides(name: str, path: Path) -> dict[str, Any]:
+    """This site's section of the per-user file (empty when the file or the section is absent)."""
     if not path.is_file():
         return {}
     data = yaml.safe_load(path.read_text()) or {}
-    section = data.get(name, {})
-    if not isinstance(section, dict):
-        raise ValueError(f"{path}: the entry for site {name!r} must be a mapping of site fields")
-    return section
+    if not isinstance(data, dict) or not isinstance(data.get(name, {}), dict):
+        raise ValueError(f"{path}: expected a mapping of site name to fields, e.g. '{name}: {{account: X}}'")
+    return data.get(name) or {}
 
 
-def resolve(name: str, overrides: dict[str, Any], user_file: Path = USER_FILE) -> SiteConfig:
-    """Site defaults, then the user's file, then the run config's ``site.`` keys; validated."""
+def merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    """Later layers win field by field; ``environment`` merges variable by variable, so a user adds a
+    variable without dropping the site's recommended ones."""
+    merged = {**base, **update}
+    if "environment" in base and "environment" in update:
+        merged["environment"] = {**base["environment"], **update["environment"]}
+    return merged
+
+
+def resolve(name: str, overrides: dict[str, Any], path: Path | None = None) -> SiteConfig:
+    """Site defaults, then the per-user file, then the run config's ``site.`` keys; validated as a whole.
+    An error in a field whose value came from the per-user file names that file."""
     module = site_module(name)
-    site = SiteConfig(**{**module.DEFAULTS, **user_overrides(name, user_file), **overrides})
-    site.check()
-    return site
+    path = (path or user_file()).expanduser()
+    user = user_overrides(name, path)
+    from_file = set(user) - set(overrides)
+    try:
+        return SiteConfig(**merge(merge(module.DEFAULTS, user), overrides))
+    except ValidationError as err:
+        problems = []
+        for error in err.errors():
+            cause = error.get("ctx", {}).get("error")
+            message = str(cause) if cause is not None else error["msg"]
+            if not error["loc"]:
+                problems.append(message)
+                continue
+            field = ".".join(str(part) for part in error["loc"])
+            source = f"{path}: " if error["loc"][0] in from_file else ""
+            problems.append(f"{source}site.{field}: {message}")
+        raise ValueError("; ".join(problems)) from None

@@ -2,7 +2,8 @@
 
 Stage apps (data preparation, export, evaluation) run on a Parsl HighThroughputExecutor over a
 LocalProvider; training runs as a bash app that starts its ranks on this machine with torchrun and the gloo
-backend (CPU) or nccl when a GPU is present. Parsl's run information lives in ``RUN_DIR/runinfo``.
+backend (CPU) or nccl when a GPU is present. Parsl's run information lives in ``RUN_DIR/runinfo``. Nothing is
+retried: a failure here is visible at once, and rerunning the same command resumes.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import shlex
 import sys
 from pathlib import Path
+from typing import Any
 
 from parsl.config import Config
 from parsl.dataflow.memoization import BasicMemoizer
@@ -23,7 +25,6 @@ DEFAULTS = {
     "name": "local",
     "scheduler": "local",
     "backend": "gloo",
-    "launcher": "torchrun",
     "stage_workers": 2,
     "walltime": "24:00:00",
 }
@@ -50,15 +51,18 @@ def parsl_config(site: SiteConfig, run_dir: Path) -> Config:
         executors=[stages, train],
         run_dir=str(run_dir / "runinfo"),
         memoizer=BasicMemoizer(checkpoint_mode="task_exit"),
-        retries=0,
+        retries=site.retries,
         strategy="simple",
         max_idletime=30.0,
     )
 
 
+def check(site: SiteConfig, run: Any) -> None:
+    if run.launch.nodes != 1:
+        raise ValueError(f"the local site has one node; launch.nodes is {run.launch.nodes}")
+
+
 def train_command(site: SiteConfig, nodes: int, ranks_per_node: int, config_file: Path) -> str:
-    if nodes != 1:
-        raise ValueError(f"the local site has one node; launch.nodes is {nodes}")
     return (
         f"{shlex.quote(sys.executable)} -m torch.distributed.run --standalone --nnodes 1 "
         f"--nproc-per-node {ranks_per_node} -m janus.train --config {shlex.quote(str(config_file))}"

@@ -8,6 +8,7 @@ uses a sink (``w / (1 + Σw)``) so that an edge entering the sum with zero weigh
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -35,12 +36,13 @@ class RadialBasis(nn.Module):
         return bessel * polynomial_envelope(r, self.cutoff)
 
 
-def legendre(x: torch.Tensor, num: int) -> torch.Tensor:
-    """Legendre polynomials P_0..P_{num-1} of cos θ (the angle basis), by Bonnet's recursion."""
+def legendre(x: torch.Tensor, num: int, dim: int = -1) -> torch.Tensor:
+    """Legendre polynomials P_0..P_{num-1} of cos θ (the angle basis), by Bonnet's recursion, stacked
+    along the new dimension ``dim``."""
     terms = [torch.ones_like(x), x]
     for n in range(1, num - 1):
         terms.append(((2 * n + 1) * x * terms[n] - n * terms[n - 1]) / (n + 1))
-    return torch.stack(terms[:num], dim=-1)
+    return torch.stack(terms[:num], dim=dim)
 
 
 class GatedMLP(nn.Module):
@@ -64,11 +66,15 @@ def sink_softmax(scores: torch.Tensor, envelope: torch.Tensor, index: torch.Tens
     """
     w = envelope.unsqueeze(-1) * torch.exp(cap * torch.tanh(scores / cap))
     denominator = w.new_ones(size, w.shape[1]).index_add(0, index, w)
-    return w / denominator[index]
+    return w / denominator.index_select(0, index)
 
 
 class AtomAttention(nn.Module):
-    """Atom-graph attention: each atom i gathers messages over its bonds i→j, built from j and the bond."""
+    """Atom-graph attention: each atom i gathers messages over its bonds i→j, built from j and the bond.
+
+    Keys and values are linear in the concatenation [source_j, bond_ij], so the source half is applied
+    to the n atoms before the gather and only the bond half runs per edge.
+    """
 
     def __init__(self, dim: int, num_heads: int, cap: float):
         super().__init__()
@@ -79,17 +85,43 @@ class AtomAttention(nn.Module):
         self.out = nn.Linear(dim, dim, bias=False)
 
     def forward(self, query, source, bond, centre, neighbour, envelope):
-        h, n = self.num_heads, query.shape[0]
-        q = self.q(query).unflatten(-1, (h, -1))[centre]
-        pair = torch.cat([source[neighbour], bond], dim=-1)
-        k, v = self.k(pair).unflatten(-1, (h, -1)), self.v(pair).unflatten(-1, (h, -1))
-        alpha = sink_softmax((q * k).sum(-1) / math.sqrt(q.shape[-1]), envelope, centre, n, self.cap)
-        message = query.new_zeros(n, *v.shape[1:]).index_add(0, centre, alpha.unsqueeze(-1) * v)
+        h, (n, d) = self.num_heads, query.shape
+        kv_weight = torch.cat([self.k.weight, self.v.weight])  # (2d, 2d): [source | bond] columns
+        kv = torch.addmm(
+            F.linear(source, kv_weight[:, :d]).index_select(0, neighbour), bond, kv_weight[:, d:].T
+        )
+        k, v = kv.view(-1, 2, h, d // h).unbind(1)
+        q = self.q(query).view(n, h, -1).index_select(0, centre)
+        alpha = sink_softmax((q * k).sum(-1) / math.sqrt(d // h), envelope, centre, n, self.cap)
+        message = query.new_zeros(n, h, d // h).index_add(0, centre, alpha.unsqueeze(-1) * v)
         return self.out(message.flatten(1))
 
 
+@dataclass
+class TripletBlocks:
+    """The line graph as dense blocks: the m short bonds of a centre atom form one m × m block of triplets
+    (a, b), a ≠ b, so line attention runs as batched matmuls instead of gathers and scatters over triplets.
+
+    Centres are bucketed by m and each bucket is padded to its largest m (a few buckets keep the padding
+    small). Padding slots repeat a real bond of their centre and have zero envelope, so they contribute
+    exact zeros. ``bonds`` (P,) is the edge of every slot, bucket after bucket, each bucket (G, M)
+    row-major; ``shapes`` the (G, M) of each bucket; per bucket, ``envelope`` (G, 1, M, M) is
+    sw(r_a) sw(r_b) off the diagonal (zero on it and at padding) and ``angle`` (G, M, L + 1, M) holds
+    P_l(cos θ_ab) times the envelope for l < L, then a channel of ones for the value projection's bias.
+    """
+
+    bonds: torch.Tensor
+    shapes: list[tuple[int, int]]
+    envelope: list[torch.Tensor]
+    angle: list[torch.Tensor]
+
+
 class LineAttention(nn.Module):
-    """Line-graph attention: bond a = (i→j) gathers from the bonds b = (i→k) through the angle at i."""
+    """Line-graph attention: bond a = (i→j) gathers from the bonds b = (i→k) through the angle at i.
+
+    key_ab = k(b) + A_k θ_ab and value_ab = v(b) ⊙ (A_v θ_ab + β), with θ_ab the angle basis. ``forward``
+    runs on a triplet list; ``dense`` runs on `TripletBlocks`, with the same result.
+    """
 
     def __init__(self, dim: int, num_angular: int, num_heads: int, cap: float):
         super().__init__()
@@ -102,6 +134,10 @@ class LineAttention(nn.Module):
         self.out = nn.Linear(dim, dim, bias=False)
 
     def forward(self, bond, angle, target, source, envelope):
+        """Sparse form: ``angle`` (t, L), ``target``/``source`` (t,) bond indices, ``envelope`` (t,).
+
+        For callers that build the triplet list themselves (`matris.deploy` traces it with symbolic
+        sizes, which the data-dependent bucket shapes of `dense` would not allow)."""
         h, e = self.num_heads, bond.shape[0]
         q = self.q(bond).unflatten(-1, (h, -1))[target]
         k = (self.k(bond)[source] + self.angle_k(angle)).unflatten(-1, (h, -1))
@@ -109,3 +145,39 @@ class LineAttention(nn.Module):
         alpha = sink_softmax((q * k).sum(-1) / math.sqrt(q.shape[-1]), envelope, target, e, self.cap)
         message = bond.new_zeros(e, *v.shape[1:]).index_add(0, target, alpha.unsqueeze(-1) * v)
         return self.out(message.flatten(1))
+
+    def dense(self, x: torch.Tensor, blocks: TripletBlocks) -> torch.Tensor:
+        """Updates (P, d) of the slots of ``blocks`` from their bond features ``x`` (P, d).
+
+        Per head, with c channels: score_ab = q_a·k_b/√c + Σ_l θ_ab,l (A_kᵀ q_a)_l/√c, where A_kᵀ q is
+        one more projection of x; the value sum Σ_b α_ab v_b ⊙ (A_v θ̃_ab) is one matmul over (l, b) of
+        α_ab θ̃_ab,l with A_v,l ⊙ v_b (θ̃: θ and the ones channel, A_v with the bias as last column).
+        """
+        h, d = self.num_heads, x.shape[1]
+        if not blocks.shapes:
+            return x.new_zeros(0, d)
+        c, width = d // h, blocks.angle[0].shape[2]  # width: L + 1 angle channels
+        angle_k = F.pad(self.angle_k.weight, (0, 1)).view(h, c, width) / math.sqrt(c)
+        angle_q = torch.einsum("hcl,hcd->hld", angle_k, self.q.weight.view(h, c, d)).reshape(-1, d)
+        angle_v = torch.cat([self.angle_v.weight, self.angle_v.bias.unsqueeze(-1)], dim=1)
+        angle_v = angle_v.view(h, c, width).transpose(1, 2).contiguous().unsqueeze(2)  # (h, L + 1, 1, c)
+        sizes = [g * m for g, m in blocks.shapes]
+        projections = (
+            F.linear(x, self.q.weight / math.sqrt(c)).split(sizes),
+            self.k(x).split(sizes),
+            self.v(x).split(sizes),
+            F.linear(x, angle_q).split(sizes),
+        )
+        out = []
+        for (g, m), q, k, v, qa, envelope, angle in zip(
+            blocks.shapes, *projections, blocks.envelope, blocks.angle, strict=True
+        ):
+            q, k, v = (y.view(g, m, h, c).transpose(1, 2) for y in (q, k, v))  # (g, h, m, c)
+            angular = (qa.view(g * m, h, width) @ angle.view(g * m, width, m)).view(g, m, h, m)
+            scores = q @ k.transpose(2, 3) + angular.transpose(1, 2)  # (g, h, m, m)
+            w = envelope * torch.exp(self.cap * torch.tanh(scores / self.cap))
+            alpha = w / (1 + w.sum(-1, keepdim=True))
+            weights = (alpha.unsqueeze(3) * angle.unsqueeze(1)).view(g, h, m, width * m)
+            values = (angle_v * v.contiguous().unsqueeze(2)).view(g, h, width * m, c)
+            out.append((weights @ values).transpose(1, 2).reshape(g * m, d))
+        return self.out(torch.cat(out))

@@ -10,12 +10,36 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from matris.batch import Batch
 from matris.config import ModelConfig
-from matris.layers import AtomAttention, GatedMLP, LineAttention, RadialBasis, legendre, polynomial_envelope
+from matris.layers import (
+    AtomAttention,
+    GatedMLP,
+    LineAttention,
+    RadialBasis,
+    TripletBlocks,
+    legendre,
+    polynomial_envelope,
+)
 from matris.moe import MoE
+
+MAX_BUCKETS = 4  # degree buckets of the dense line graph: padding vs. number of batched calls
+
+
+def _short_bonds(
+    edge_index: torch.Tensor, edge_length: torch.Tensor, cutoff: float
+) -> tuple[torch.Tensor, ...]:
+    """Bonds shorter than ``cutoff`` sorted by centre atom, and each centre's run in that order: the
+    start and length (degree) of every run."""
+    short = torch.nonzero(edge_length < cutoff).squeeze(-1)
+    centre = edge_index[0, short]
+    order = torch.argsort(centre, stable=True)
+    short, centre = short[order], centre[order]
+    _, degree = torch.unique_consecutive(centre, return_counts=True)
+    return short, degree.cumsum(0) - degree, degree
 
 
 @torch.no_grad()
@@ -26,12 +50,8 @@ def line_graph(
 
     Short bonds are sorted by centre; bond a pairs with every bond of its centre's contiguous run.
     """
-    short = torch.nonzero(edge_length < cutoff).squeeze(-1)
-    centre = edge_index[0, short]
-    order = torch.argsort(centre, stable=True)
-    short, centre = short[order], centre[order]
-    _, degree = torch.unique_consecutive(centre, return_counts=True)
-    run_start = (degree.cumsum(0) - degree).repeat_interleave(degree)
+    short, start, degree = _short_bonds(edge_index, edge_length, cutoff)
+    run_start = start.repeat_interleave(degree)
     run_length = degree.repeat_interleave(degree)
     a = torch.arange(short.shape[0], device=short.device).repeat_interleave(run_length)
     b = run_start[a] + torch.arange(a.shape[0], device=a.device) - (run_length.cumsum(0) - run_length)[a]
@@ -39,18 +59,66 @@ def line_graph(
     return short[a[keep]], short[b[keep]]
 
 
+def _bucket_sizes(degrees: list[int], counts: list[int], max_buckets: int) -> list[int]:
+    """Padded sizes of at most ``max_buckets`` buckets of consecutive distinct ``degrees`` (ascending, with
+    ``counts`` centres each) minimising the padded block area Σ centres · size² (dynamic programming)."""
+    prefix = [0]
+    for count in counts:
+        prefix.append(prefix[-1] + count)
+    n = len(degrees)
+    # best[j] = (area, sizes) of the first j degrees split into the buckets tried so far
+    best = [(0, [])] + [((prefix[j]) * degrees[j - 1] ** 2, [degrees[j - 1]]) for j in range(1, n + 1)]
+    for _ in range(max_buckets - 1):
+        best = [best[0]] + [
+            min(
+                (best[i][0] + (prefix[j] - prefix[i]) * degrees[j - 1] ** 2, [*best[i][1], degrees[j - 1]])
+                for i in range(j)
+            )
+            for j in range(1, n + 1)
+        ]
+    return best[n][1]
+
+
+@torch.no_grad()
+def triplet_slots(
+    edge_index: torch.Tensor, edge_length: torch.Tensor, cutoff: float, max_buckets: int = MAX_BUCKETS
+) -> tuple[torch.Tensor, torch.Tensor, list[tuple[int, int]]]:
+    """Slots of the dense line graph (`TripletBlocks`): the edge of every slot (padding repeats the
+    centre's first short bond), whether it is a real bond, and the (centres, size) of every bucket."""
+    short, start, degree = _short_bonds(edge_index, edge_length, cutoff)
+    start, degree = start[degree > 1], degree[degree > 1]  # a lone short bond has no triplet
+    values, counts = torch.unique(degree, return_counts=True)
+    slots, real, shapes, lower = [], [], [], 1
+    for size in _bucket_sizes(values.tolist(), counts.tolist(), max_buckets) if len(values) else []:
+        pick = (degree > lower) & (degree <= size)
+        offset = torch.arange(size, device=short.device)
+        valid = offset < degree[pick].unsqueeze(-1)
+        slots.append(short[start[pick].unsqueeze(-1) + offset * valid].flatten())
+        real.append(valid.flatten())
+        shapes.append((int(pick.sum()), size))
+        lower = size
+    if not shapes:
+        return short[:0], short[:0].bool(), []
+    return torch.cat(slots), torch.cat(real), shapes
+
+
 @dataclass
 class Geometry:
-    """Graph indices and smooth geometric features shared by all interaction blocks."""
+    """Graph indices and smooth geometric features shared by all interaction blocks.
+
+    The line graph comes either as ``triplets`` (dense blocks, what `MatRIS.geometry` builds) or as a
+    triplet list (the four ``triplet_*``/``angle`` fields, for callers that build it themselves).
+    """
 
     z: torch.Tensor  # (n,) atomic numbers
     centre: torch.Tensor  # (e,)
     neighbour: torch.Tensor  # (e,)
     envelope: torch.Tensor  # (e,) 6 Å switch
-    triplet_target: torch.Tensor  # (t,) bond receiving the message
-    triplet_source: torch.Tensor  # (t,) bond sending it
-    angle: torch.Tensor  # (t, num_angular) angle basis, switched off with both bonds at 4 Å
-    triplet_envelope: torch.Tensor  # (t,)
+    triplets: TripletBlocks | None = None
+    triplet_target: torch.Tensor | None = None  # (t,) bond receiving the message
+    triplet_source: torch.Tensor | None = None  # (t,) bond sending it
+    angle: torch.Tensor | None = None  # (t, num_angular) angle basis, switched off with both bonds at 4 Å
+    triplet_envelope: torch.Tensor | None = None  # (t,)
 
 
 class InteractionBlock(nn.Module):
@@ -92,11 +160,15 @@ class InteractionBlock(nn.Module):
         summed router probabilities. They are outputs, not side effects, so that a sharding wrapper sees
         the gradient of the balance loss arrive through its backward hooks."""
         scale, routing = self.residual_scale, []
-        pair = torch.cat([atoms[g.centre], atoms[g.neighbour], bonds], dim=-1)
-        bonds = bonds + scale[0] * self.refine(self.refine_norm(pair))
-        bonds = bonds + scale[1] * self.line_attention(
-            self.line_norm(bonds), g.angle, g.triplet_target, g.triplet_source, g.triplet_envelope
-        )
+        bonds = self.refine_bonds(atoms, bonds, g, scale[0])
+        if g.triplets is None:
+            bonds = bonds + scale[1] * self.line_attention(
+                self.line_norm(bonds), g.angle, g.triplet_target, g.triplet_source, g.triplet_envelope
+            )
+        else:
+            slots = g.triplets.bonds
+            update = self.line_attention.dense(self.line_norm(bonds.index_select(0, slots)), g.triplets)
+            bonds = bonds.index_add(0, slots, scale[1] * update)
         query = self.message_norm(atoms)
         source = query + _apply(self.message, query, g.z, routing)
         atoms = atoms + scale[2] * self.atom_attention(
@@ -105,6 +177,22 @@ class InteractionBlock(nn.Module):
         atoms = atoms + scale[3] * _apply(self.update, self.update_norm(atoms), g.z, routing)
         routing = torch.stack(routing) if routing else atoms.new_zeros(0, 2, self.num_experts)
         return atoms, bonds, routing
+
+    def refine_bonds(self, atoms: torch.Tensor, bonds: torch.Tensor, g: Geometry, scale: torch.Tensor):
+        """``bonds + scale · refine(refine_norm([atoms_i, atoms_j, bond_ij]))`` without building the
+        (e, 3d) pairs: the RMSNorm only rescales each edge's row, so the atom thirds of the first layer run
+        per atom, and the bond third and the residual sum go into the matmuls (``addmm``)."""
+        d, norm, mlp = atoms.shape[1], self.refine_norm, self.refine
+        eps = norm.eps if norm.eps is not None else torch.finfo(atoms.dtype).eps
+        weight = torch.cat([mlp.w1.weight, mlp.w3.weight]) * norm.weight  # (2 hidden, 3d)
+        centre_part = F.linear(atoms, weight[:, :d]).index_select(0, g.centre)
+        neighbour_part = F.linear(atoms, weight[:, d : 2 * d]).index_select(0, g.neighbour)
+        hidden = torch.addmm(centre_part + neighbour_part, bonds, weight[:, 2 * d :].T)
+        square = atoms.square().sum(-1)
+        square = square.index_select(0, g.centre) + square.index_select(0, g.neighbour)
+        mean_square = (square + bonds.square().sum(-1)) / (3 * d)
+        gate, value = (hidden * (mean_square + eps).rsqrt().unsqueeze(-1)).chunk(2, dim=-1)
+        return torch.addmm(bonds, F.silu(gate) * value, (scale * mlp.w2.weight).T)
 
 
 def _apply(layer: nn.Module, x: torch.Tensor, z: torch.Tensor, routing: list) -> torch.Tensor:
@@ -157,22 +245,33 @@ class MatRIS(nn.Module):
         cell = torch.bmm(batch.cell, deform)
         centre, neighbour = batch.edge_index
         shift = torch.bmm(batch.edge_shift.unsqueeze(1), cell[s[centre]]).squeeze(1)
-        vector = pos[neighbour] + shift - pos[centre]
+        vector = pos.index_select(0, neighbour) + shift - pos.index_select(0, centre)
         length = vector.norm(dim=-1)
-        target, source = line_graph(batch.edge_index, length, self.config.three_body_cutoff)
-        cosine = (vector[target] * vector[source]).sum(-1) / (length[target] * length[source])
-        switch = polynomial_envelope(length, self.config.three_body_cutoff)
-        triplet_envelope = switch[target] * switch[source]
         return Geometry(
             z=batch.atomic_numbers,
             centre=centre,
             neighbour=neighbour,
             envelope=polynomial_envelope(length, self.config.cutoff),
-            triplet_target=target,
-            triplet_source=source,
-            angle=legendre(cosine, self.config.num_angular) * triplet_envelope.unsqueeze(-1),
-            triplet_envelope=triplet_envelope,
+            triplets=self.triplet_blocks(batch.edge_index, vector, length),
         ), self.radial(length)
+
+    def triplet_blocks(
+        self, edge_index: torch.Tensor, vector: torch.Tensor, length: torch.Tensor
+    ) -> TripletBlocks:
+        """The dense line graph of the bonds shorter than the three-body cutoff, angles and switches."""
+        cutoff = self.config.three_body_cutoff
+        slots, real, shapes = triplet_slots(edge_index, length, cutoff)
+        unit = (vector / length.unsqueeze(-1)).index_select(0, slots)
+        switch = polynomial_envelope(length, cutoff).index_select(0, slots) * real
+        envelope, angle, start = [], [], 0
+        for g, m in shapes:
+            u, s = unit[start : start + g * m].view(g, m, 3), switch[start : start + g * m].view(g, m)
+            start += g * m
+            pair = s.unsqueeze(-1) * s.unsqueeze(-2) * (1 - torch.eye(m, dtype=s.dtype, device=s.device))
+            basis = legendre(u @ u.transpose(1, 2), self.config.num_angular, dim=2) * pair.unsqueeze(2)
+            envelope.append(pair.unsqueeze(1))
+            angle.append(torch.cat([basis, torch.ones_like(basis[:, :, :1])], dim=2))
+        return TripletBlocks(slots, shapes, envelope, angle)
 
     def embed(self, batch: Batch) -> torch.Tensor:
         """Initial atom features: element + task + composition + charge/spin of its structure."""
@@ -193,7 +292,10 @@ class MatRIS(nn.Module):
         """``energy`` (b,), ``aux_loss`` (scalar), ``expert_counts``/``expert_probs`` (MoE layers, E) and
         ``magmoms`` (n,) if the head is on; ``strain`` is a symmetric displacement gradient (b, 3, 3)."""
         geometry, radial = self.geometry(batch, positions, strain)
-        atoms, bonds = self.embed(batch), self.embed_bond(radial)
+        # embed_bond(radial) with a contiguous (num_radial, d) right operand: its weight gradient is then
+        # radialᵀ @ grad, (7, e) @ (e, d), which BLAS runs ~7x faster than gradᵀ @ radial, (d, e) @ (e, 7)
+        weight = self.embed_bond.weight.T.contiguous()
+        atoms, bonds = self.embed(batch), torch.addmm(self.embed_bond.bias, radial, weight)
         routing = []
         for block in self.blocks:
             atoms, bonds, block_routing = block(atoms, bonds, geometry)

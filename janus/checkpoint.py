@@ -3,7 +3,9 @@
 Layout of one checkpoint (a directory under ``train/checkpoints/``)::
 
     step_000050/
-        *.distcp, .metadata     model and optimizer state, sharded (DCP): reloads on any world size
+        *.distcp, .metadata     model and optimizer state (and the EMA, if on), sharded (DCP): reloads on
+                                any world size and layout; ``model.*`` keys consolidate to the
+                                single-device `matris.MatRIS` state dict (expert shards included)
         model_config.json       the resolved matris.ModelConfig, so export can rebuild the model alone
         train_state.json        step, scheduler, data position, RNG states; written last
 
@@ -53,8 +55,10 @@ def save(
     train_state: dict[str, Any],
     model_config: dict[str, Any],
     keep: int,
+    extra: dict[str, dict[str, torch.Tensor]] | None = None,
 ) -> Path:
-    """Collective: every rank calls it. Returns the final directory."""
+    """Collective: every rank calls it. Returns the final directory. ``extra`` holds further sharded
+    states saved under their own prefix (e.g. ``{"ema": ...}``)."""
     root = Path(root)
     final = checkpoint_dir(root, step)
     tmp = final.with_name(final.name + ".tmp")
@@ -64,13 +68,14 @@ def save(
         shutil.rmtree(tmp, ignore_errors=True)
     dist.barrier()
     model_sd, optim_sd = get_state_dict(model, optimizer)
-    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))
+    extra = extra or {}
+    dcp.save({"model": model_sd, "optim": optim_sd, **extra}, checkpoint_id=str(tmp))
     rng = {f"rank{rank}": torch.get_rng_state().tolist()}
     gathered: list[dict[str, Any] | None] = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, rng)
     if rank == 0:
         _write_json(tmp / CONFIG_FILE, model_config)
-        state = dict(train_state, step=step, world_size=dist.get_world_size())
+        state = dict(train_state, step=step, world_size=dist.get_world_size(), extra=sorted(extra))
         state["rng"] = {k: v for part in gathered if part for k, v in part.items()}
         _write_json(tmp / STATE_FILE, state)
         shutil.rmtree(final, ignore_errors=True)
@@ -80,14 +85,22 @@ def save(
     return final
 
 
-def load(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-    """Collective: load model and optimizer state (resharded to this world size) and return train_state."""
+def load(
+    path: Path,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    extra: dict[str, dict[str, torch.Tensor]] | None = None,
+) -> dict[str, Any]:
+    """Collective: load model and optimizer state (resharded to this world size and layout) and return
+    train_state. Each ``extra`` state the checkpoint holds is loaded in place; the others are left as
+    they are (e.g. an EMA switched on after the checkpoint was written starts from the weights)."""
     path = Path(path)
+    train_state = json.loads((path / STATE_FILE).read_text())
     model_sd, optim_sd = get_state_dict(model, optimizer)
-    state = {"model": model_sd, "optim": optim_sd}
+    saved = set(train_state.get("extra", []))
+    state = {"model": model_sd, "optim": optim_sd, **{k: v for k, v in (extra or {}).items() if k in saved}}
     dcp.load(state, checkpoint_id=str(path))
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
-    train_state = json.loads((path / STATE_FILE).read_text())
     own = train_state.get("rng", {}).get(f"rank{dist.get_rank()}")
     if own is not None and train_state.get("world_size") == dist.get_world_size():
         torch.set_rng_state(torch.tensor(own, dtype=torch.uint8))

@@ -64,6 +64,11 @@ class TrainConfig(Strict):
     keep_checkpoints: int = Field(2, ge=1)
     dtype: Literal["float32", "float64"] = "float32"
     sleep_per_step_s: float = Field(0.0, ge=0, description="injected delay (scaling-regression tests)")
+    peak_tflops: float | None = Field(
+        None,
+        gt=0,
+        description="peak TFLOP/s of one rank for flop_efficiency (default: known GPU or measured)",
+    )
 
 
 class JanusConfig(Strict):

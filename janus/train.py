@@ -1,8 +1,15 @@
 """Per-rank training entry point: `python -m janus.train --config FILE [--set key=value ...]`.
 
 Works under torchrun, srun, mpiexec/PALS and as a plain process (see `janus.launch`). The global batch of
-a step depends only on the data, the seed and the batch budget; data-parallel ranks split it, and the loss
-reduces its statistics across them, so every layout trains the same model.
+a step depends only on the data, the seed and the batch budget; the ranks of the (dp, graph, expert) mesh
+split it (`janus.batching`), and the loss reduces its statistics across all of them, so every layout
+trains the same model.
+
+One step: the planner's element histograms are gathered over the expert group; the forward, the force
+and stress backward (``create_graph=True``) and the loss backward run with parameters gathered and
+gradients local (`janus.parallel.step_phase`), partitioned structures through `janus.graph_parallel`;
+expert-weight gradients then go back to the ranks storing them, FSDP reduce-scatters every group once
+(`janus.parallel.reduce_gradients`), and the gradients are clipped by their global norm before AdamW.
 """
 
 from __future__ import annotations
@@ -13,19 +20,36 @@ import math
 import os
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
-from data_prep.loader import BatchPlan, GraphDataset, split_for_ranks
+from data_prep.loader import BatchPlan, GraphDataset
 from janus import checkpoint, launch
+from janus.batching import Coordinates, RankWork, assign, loss_batch, partition
 from janus.config import JanusConfig
+from janus.ema import EMA
+from janus.expert_parallel import parallelize_moe, return_gradients
+from janus.flops import FlopMeter, count_triplets, peak_flops
+from janus.graph_parallel import build_step, install_hooks, predict_sharded
 from janus.metrics import MetricsLog, peak_memory_bytes
 from janus.overrides import ConfigError, build, load_yaml
-from janus.parallel import LayoutError, apply_fsdp, build_mesh, force_phase, full_tensor
+from janus.parallel import (
+    LayoutError,
+    StepContext,
+    apply_fsdp,
+    build_mesh,
+    clip_grad_norm_,
+    reduce_gradients,
+    step_phase,
+)
 from matris import MatRIS, ModelConfig, predict
 from matris.batch import collate
+from matris.graph import StructureGraph
 from matris.loss import multitask_loss
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
@@ -62,110 +86,274 @@ def resolve_model_config(cfg: JanusConfig, manifest: dict) -> ModelConfig:
     return model_cfg
 
 
-def check_layout(cfg: JanusConfig) -> None:
-    if cfg.parallel.graph > 1 or cfg.parallel.expert > 1:
+def check_layout(cfg: JanusConfig, model_cfg: ModelConfig | None = None) -> None:
+    """Layout problems that need no process group (the world size is checked by `build_mesh`)."""
+    if model_cfg is None:
+        model_cfg = ModelConfig.from_preset(cfg.model.preset, **cfg.model.overrides)
+    expert = cfg.parallel.expert
+    if expert > 1 and not model_cfg.moe_blocks:
         raise LayoutError(
-            "graph sharding (parallel.graph > 1) and expert sharding (parallel.expert > 1) are not "
-            "available in this release; use parallel.dp only"
+            f"parallel.expert = {expert} but model preset {model_cfg.preset!r} has no MoE layers"
+        )
+    if expert > 1 and model_cfg.num_experts % expert:
+        raise LayoutError(
+            f"parallel.expert = {expert} does not divide the model's {model_cfg.num_experts} experts"
         )
 
 
-def train(cfg: JanusConfig, env: launch.DistEnv) -> None:
-    device = launch.device_for(env)
-    dtype = DTYPES[cfg.train.dtype]
-    check_layout(cfg)
-    mesh = build_mesh(cfg.parallel, env.world_size, device.type)
-    dp_group = mesh["dp"].get_group()
-    dp_rank, dp_size = mesh["dp"].get_local_rank(), mesh["dp"].size()
+@dataclass
+class StepResult:
+    """What one optimizer step reports: the metrics line and this rank's loss-structure predictions."""
 
-    manifest = json.loads((cfg.data_dir / "manifest.json").read_text())
-    model_cfg = resolve_model_config(cfg, manifest)
-    torch.manual_seed(cfg.train.seed)
-    model = MatRIS(model_cfg).to(device=device, dtype=dtype)
-    model.set_reference_energies(manifest["reference_energies"])
-    apply_fsdp(model, mesh)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=peak_lr(cfg), weight_decay=cfg.train.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
+    record: dict[str, Any]
+    predictions: dict[int, dict[str, np.ndarray]] = field(default_factory=dict)
 
-    ckpt_root = cfg.out_dir / "checkpoints"
-    start = 0
-    previous = checkpoint.latest(ckpt_root)
-    if previous is not None:
-        state = checkpoint.load(previous, model, optimizer)
-        scheduler.load_state_dict(state["scheduler"])
-        start = state["step"]
-        if env.is_main:
-            print(f"janus: resumed from {previous} at step {start}", flush=True)
-    log = MetricsLog(cfg.out_dir / "metrics.jsonl", resume_step=start) if env.is_main else None
 
-    dataset = GraphDataset(cfg.data_dir, split="train")
-    plan = BatchPlan(
-        dataset.sizes,
-        max_atoms=cfg.train.max_atoms_per_batch,
-        max_edges=cfg.train.max_edges_per_batch,
-        seed=cfg.train.seed,
-    )
+class Trainer:
+    """The model, its sharding, optimizer, schedule, data plan and checkpoints of one rank."""
 
-    def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
-        """Sum batch statistics over data-parallel ranks (they carry no gradient)."""
-        dist.all_reduce(tensor, group=dp_group)
-        return tensor
+    def __init__(self, cfg: JanusConfig, env: launch.DistEnv):
+        self.cfg, self.env = cfg, env
+        self.device = launch.device_for(env)
+        self.dtype = DTYPES[cfg.train.dtype]
+        manifest = json.loads((cfg.data_dir / "manifest.json").read_text())
+        self.model_cfg = resolve_model_config(cfg, manifest)
+        check_layout(cfg, self.model_cfg)
+        self.meshes = build_mesh(cfg.parallel, env.world_size, self.device.type)
+        m = self.meshes
+        self.where = Coordinates(
+            m.rank("dp"), m.rank("graph"), m.rank("expert"), m.size("dp"), m.size("graph"), m.size("expert")
+        )
 
-    epoch_batches: tuple[int, list[list[int]]] = (-1, [])
-    for step in range(start, cfg.train.steps):
+        torch.manual_seed(cfg.train.seed)
+        model = MatRIS(self.model_cfg).to(device=self.device, dtype=self.dtype)
+        model.set_reference_energies(manifest["reference_energies"])
+        self.ctx = StepContext()
+        sharded = cfg.parallel.graph > 1 or cfg.parallel.expert > 1
+        if sharded:
+            parallelize_moe(model, self.ctx, m.mesh["expert"] if cfg.parallel.expert > 1 else None)
+        if cfg.parallel.graph > 1:
+            install_hooks(model, self.ctx)
+        self.model = apply_fsdp(model, m)
+        self.optimizer = torch.optim.AdamW(
+            self.model.parameters(), lr=peak_lr(cfg), weight_decay=cfg.train.weight_decay
+        )
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg))
+        self.ema = EMA(self.model, cfg.train.ema_decay) if cfg.train.ema_decay else None
+
+        self.dataset = GraphDataset(cfg.data_dir, split="train")
+        self.plan = BatchPlan(
+            self.dataset.sizes,
+            max_atoms=cfg.train.max_atoms_per_batch,
+            max_edges=cfg.train.max_edges_per_batch,
+            seed=cfg.train.seed,
+        )
+        self.ckpt_root = cfg.out_dir / "checkpoints"
+        self.start = 0
+        self._triplets: dict[int, int] = {}
+        self._parts: dict[int, np.ndarray] = {}
+        self.flops = FlopMeter(self.model_cfg)
+        self._peak = (
+            cfg.train.peak_tflops * 1e12 if cfg.train.peak_tflops else peak_flops(self.device, self.dtype)
+        )
+
+    # -- checkpoints -----------------------------------------------------------------------------------
+
+    def _extra(self) -> dict[str, dict[str, torch.Tensor]]:
+        return {"ema": self.ema.state_dict()} if self.ema is not None else {}
+
+    def resume(self) -> int:
+        previous = checkpoint.latest(self.ckpt_root)
+        if previous is not None:
+            state = checkpoint.load(previous, self.model, self.optimizer, self._extra())
+            self.scheduler.load_state_dict(state["scheduler"])
+            self.start = state["step"]
+            if self.env.is_main:
+                print(f"janus: resumed from {previous} at step {self.start}", flush=True)
+        return self.start
+
+    def save(self, step: int, epoch: int) -> Path:
+        return checkpoint.save(
+            self.ckpt_root,
+            step,
+            self.model,
+            self.optimizer,
+            {
+                "scheduler": self.scheduler.state_dict(),
+                "epoch": epoch,
+                "seed": self.cfg.train.seed,
+                "parallel": self.cfg.parallel.model_dump(),
+            },
+            self.model_cfg.model_dump(mode="json"),
+            keep=self.cfg.train.keep_checkpoints,
+            extra=self._extra(),
+        )
+
+    # -- one step --------------------------------------------------------------------------------------
+
+    def global_batch(self, step: int) -> tuple[int, list[int]]:
+        epoch, index = self.plan.locate(step)
+        return epoch, self.plan.batches(epoch)[index]
+
+    def step(self, step: int) -> StepResult:
         tic = time.perf_counter()
-        epoch, index = plan.locate(step)
-        if epoch_batches[0] != epoch:
-            epoch_batches = (epoch, plan.batches(epoch))
-        global_batch = epoch_batches[1][index]
-        mine = split_for_ranks(global_batch, dataset.sizes, dp_size)[dp_rank]
-        # A rank left without a structure still joins every collective, on a stand-in that adds nothing.
-        active = bool(mine)
-        batch = collate([dataset[i] for i in (mine or global_batch[:1])], dtype=dtype).to(device)
+        cfg, where = self.cfg, self.where
+        epoch, global_batch = self.global_batch(step)
+        work = assign(global_batch, self.dataset.sizes, where)
+        graphs = {i: self.dataset[i] for i in work.whole + work.partitioned}
+        parts = {i: self._partition(i, graphs[i]) for i in work.partitioned}
+        loss_ids = work.loss_structures
+        magmoms = self.model_cfg.magmom_head
+        labels = loss_batch([graphs[i] for i in loss_ids], self.dtype, self.device, magmoms)
+        self.ctx.reset()
+        if where.expert_size > 1:
+            self.ctx.histograms = self._histograms(work, graphs, parts)
 
-        with force_phase(model):
-            pred = predict(model, batch, training=True)
-            loss, parts = multitask_loss(
-                pred, batch, model_cfg.tasks, cfg.loss, all_reduce=all_reduce_sum, active=active
+        with self.flops.counting(step), step_phase(self.model):
+            if where.graph_size > 1:
+                group = self.meshes.group("graph")
+                num_z = self.model_cfg.max_z + 1
+                graph_step = build_step(
+                    graphs, work, parts, where.graph_size, group, num_z, self.dtype, self.device
+                )
+                pred = predict_sharded(self.model, graph_step, self.ctx, group, labels)
+            else:
+                batch = collate([graphs[i] for i in work.whole], dtype=self.dtype).to(self.device)
+                pred = predict(self.model, batch, training=True)
+            loss, parts_metrics = multitask_loss(
+                pred, labels, self.model_cfg.tasks, cfg.loss, self._sum_over_ranks, active=work.active
             )
-        loss.backward()
-        grad_norm = full_tensor(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip))
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+        return_gradients(self.ctx)
+        reduce_gradients(self.model)
+        grad_norm = clip_grad_norm_(self.model.parameters(), cfg.train.grad_clip)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.ema is not None:
+            self.ema.update(self.model)
         if cfg.train.sleep_per_step_s:
             time.sleep(cfg.train.sleep_per_step_s)
 
-        totals = torch.tensor([batch.num_atoms, batch.num_edges], dtype=torch.float64) * active
-        dist.all_reduce(totals)
+        record = self._record(step, epoch, global_batch, work, graphs, parts_metrics, grad_norm, tic)
+        predictions = {}
+        if work.active:
+            predictions = _per_structure(pred, labels, loss_ids)
+        return StepResult(record, predictions)
+
+    def _sum_over_ranks(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Sum batch statistics over every rank (each holds distinct data); they carry no gradient."""
+        dist.all_reduce(tensor)
+        return tensor
+
+    def _partition(self, index: int, graph: StructureGraph) -> np.ndarray:
+        if index not in self._parts:
+            self._parts[index] = partition(graph, self.where.graph_size)
+        return self._parts[index]
+
+    def _histograms(
+        self, work: RankWork, graphs: dict[int, StructureGraph], parts: dict[int, np.ndarray]
+    ) -> np.ndarray:
+        """Element histograms of the atoms every rank of the expert group routes (its owned atoms)."""
+        num_z = self.model_cfg.max_z + 1
+        hist = np.zeros(num_z, dtype=np.int64)
+        for i in work.whole:
+            hist += np.bincount(graphs[i].atomic_numbers, minlength=num_z)[:num_z]
+        for i in work.partitioned:
+            owned = graphs[i].atomic_numbers[parts[i] == work.graph_rank]
+            hist += np.bincount(owned, minlength=num_z)[:num_z]
+        mine = torch.as_tensor(hist, device=self.device)
+        gathered = [torch.zeros_like(mine) for _ in range(self.where.expert_size)]
+        dist.all_gather(gathered, mine, group=self.meshes.group("expert"))
+        return torch.stack(gathered).cpu().numpy()
+
+    def _record(
+        self,
+        step: int,
+        epoch: int,
+        global_batch: list[int],
+        work: RankWork,
+        graphs: dict[int, StructureGraph],
+        parts_metrics: dict[str, float],
+        grad_norm: torch.Tensor,
+        tic: float,
+    ) -> dict[str, Any]:
+        sizes = self.dataset.sizes[global_batch]
+        atoms, edges = int(sizes[:, 0].sum()), int(sizes[:, 1].sum())
+        mine = work.loss_structures if work.active else []
+        triplets = sum(self._count_triplets(i, graphs[i]) for i in mine)
+        imbalance = max((p.imbalance for p in self.ctx.plans), default=1.0)
+        static = max((p.static_imbalance() for p in self.ctx.plans), default=1.0)
+        memory = peak_memory_bytes(self.device)
+        counted = self.flops.measured()
+        local = [float(triplets), (counted or 0.0) * work.active]
+        summed = torch.tensor(local, dtype=torch.float64, device=self.device)
+        dist.all_reduce(summed)
+        maxed = torch.tensor([float(memory), imbalance, static], dtype=torch.float64, device=self.device)
+        dist.all_reduce(maxed, op=dist.ReduceOp.MAX)
         elapsed = time.perf_counter() - tic
+        shape = (atoms, edges, int(summed[0]), len(global_batch))
+        if counted is not None:
+            flops = float(summed[1])
+            self.flops.calibrate(flops, *shape)
+        else:
+            flops = self.flops.estimate(*shape)
+        record = {
+            "step": step + 1,
+            "epoch": epoch,
+            **parts_metrics,
+            "grad_norm": float(grad_norm),
+            "lr": self.scheduler.get_last_lr()[0],
+            "atoms": atoms,
+            "edges": edges,
+            "step_time_s": elapsed,
+            "atoms_per_s": atoms / elapsed,
+            "peak_memory_bytes": memory,
+            "world_size": self.env.world_size,
+            "layout": [self.where.dp_size, self.where.graph_size, self.where.expert_size],
+            "peak_memory_bytes_max": int(maxed[0]),
+            "flops": flops,
+            "tflops_per_s": flops / elapsed / 1e12,
+            "flop_efficiency": flops / (elapsed * self.env.world_size * self._peak),
+            "expert_imbalance": float(maxed[1]),
+        }
+        if self.where.expert_size > 1:
+            record["expert_imbalance_static"] = float(maxed[2])
+        return record
+
+    def _count_triplets(self, index: int, graph: StructureGraph) -> int:
+        if index not in self._triplets:
+            self._triplets[index] = count_triplets(graph, self.model_cfg.three_body_cutoff)
+        return self._triplets[index]
+
+
+def _per_structure(
+    pred: dict[str, torch.Tensor], labels: Any, ids: list[int]
+) -> dict[int, dict[str, np.ndarray]]:
+    """Detached energy, forces and stress of each loss structure, keyed by dataset index."""
+    n = labels.n_atoms.tolist()
+    forces = pred["forces"].detach().cpu().split(n)
+    return {
+        i: {
+            "energy": pred["energy"][k].detach().cpu().numpy(),
+            "forces": forces[k].numpy(),
+            "stress": pred["stress"][k].detach().cpu().numpy(),
+        }
+        for k, i in enumerate(ids)
+    }
+
+
+def train(cfg: JanusConfig, env: launch.DistEnv) -> None:
+    trainer = Trainer(cfg, env)
+    start = trainer.resume()
+    log = MetricsLog(cfg.out_dir / "metrics.jsonl", resume_step=start) if env.is_main else None
+    for step in range(start, cfg.train.steps):
+        result = trainer.step(step)
         done = step + 1
         if log is not None:
-            log.write(
-                {
-                    "step": done,
-                    "epoch": epoch,
-                    **parts,
-                    "grad_norm": float(grad_norm),
-                    "lr": scheduler.get_last_lr()[0],
-                    "atoms": int(totals[0]),
-                    "edges": int(totals[1]),
-                    "step_time_s": elapsed,
-                    "atoms_per_s": totals[0].item() / elapsed,
-                    "peak_memory_bytes": peak_memory_bytes(device),
-                    "world_size": env.world_size,
-                }
-            )
+            log.write(result.record)
         if done % cfg.train.checkpoint_every == 0 or done == cfg.train.steps:
-            checkpoint.save(
-                ckpt_root,
-                done,
-                model,
-                optimizer,
-                {"scheduler": scheduler.state_dict(), "epoch": epoch, "seed": cfg.train.seed},
-                model_cfg.model_dump(mode="json"),
-                keep=cfg.train.keep_checkpoints,
-            )
+            trainer.save(done, result.record["epoch"])
     if log is not None:
         log.close()
 
@@ -184,10 +372,18 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = build(JanusConfig, load_yaml(args.config), args.set)
         check_layout(cfg)
-    except (ConfigError, LayoutError) as err:
+    except (ConfigError, LayoutError, ValueError) as err:
         print(f"janus.train: {err}", file=sys.stderr)
         return 2
     env = launch.detect()
+    if cfg.parallel.world_size != env.world_size:
+        print(
+            f"janus.train: parallel.dp × parallel.graph × parallel.expert = {cfg.parallel.dp} × "
+            f"{cfg.parallel.graph} × {cfg.parallel.expert} = {cfg.parallel.world_size}, but "
+            f"{env.world_size} ranks were launched",
+            file=sys.stderr,
+        )
+        return 2
     launch.init_process_group(env)
     (cfg.out_dir / "ranks").mkdir(parents=True, exist_ok=True)
     (cfg.out_dir / "ranks" / f"rank{env.rank}.pid").write_text(str(os.getpid()))

@@ -67,7 +67,7 @@ def _bucket_sizes(degrees: list[int], counts: list[int], max_buckets: int) -> li
         prefix.append(prefix[-1] + count)
     n = len(degrees)
     # best[j] = (area, sizes) of the first j degrees split into the buckets tried so far
-    best = [(0, [])] + [((prefix[j]) * degrees[j - 1] ** 2, [degrees[j - 1]]) for j in range(1, n + 1)]
+    best = [(0, [])] + [(prefix[j] * degrees[j - 1] ** 2, [degrees[j - 1]]) for j in range(1, n + 1)]
     for _ in range(max_buckets - 1):
         best = [best[0]] + [
             min(
@@ -89,7 +89,7 @@ def triplet_slots(
     start, degree = start[degree > 1], degree[degree > 1]  # a lone short bond has no triplet
     values, counts = torch.unique(degree, return_counts=True)
     slots, real, shapes, lower = [], [], [], 1
-    for size in _bucket_sizes(values.tolist(), counts.tolist(), max_buckets) if len(values) else []:
+    for size in _bucket_sizes(values.tolist(), counts.tolist(), max_buckets):
         pick = (degree > lower) & (degree <= size)
         offset = torch.arange(size, device=short.device)
         valid = offset < degree[pick].unsqueeze(-1)
@@ -261,12 +261,12 @@ class MatRIS(nn.Module):
         """The dense line graph of the bonds shorter than the three-body cutoff, angles and switches."""
         cutoff = self.config.three_body_cutoff
         slots, real, shapes = triplet_slots(edge_index, length, cutoff)
-        unit = (vector / length.unsqueeze(-1)).index_select(0, slots)
-        switch = polynomial_envelope(length, cutoff).index_select(0, slots) * real
-        envelope, angle, start = [], [], 0
-        for g, m in shapes:
-            u, s = unit[start : start + g * m].view(g, m, 3), switch[start : start + g * m].view(g, m)
-            start += g * m
+        sizes = [g * m for g, m in shapes]
+        unit = (vector / length.unsqueeze(-1)).index_select(0, slots).split(sizes)
+        switch = (polynomial_envelope(length, cutoff).index_select(0, slots) * real).split(sizes)
+        envelope, angle = [], []
+        for (g, m), u, s in zip(shapes, unit, switch, strict=True):
+            u, s = u.view(g, m, 3), s.view(g, m)
             pair = s.unsqueeze(-1) * s.unsqueeze(-2) * (1 - torch.eye(m, dtype=s.dtype, device=s.device))
             basis = legendre(u @ u.transpose(1, 2), self.config.num_angular, dim=2) * pair.unsqueeze(2)
             envelope.append(pair.unsqueeze(1))

@@ -1,0 +1,334 @@
+"""Training-step throughput, peak memory and FLOP efficiency of MatRIS, beside the published MatRIS, MACE
+and CHGNet, on one batch of crystals.
+
+    python benchmarks/bench_model.py [--input FILE] [--structures 32] [--pub-structures 4] [--steps 3]
+                                     [--threads N] [--peers-python PATH] [--only NAME ...] [--json PATH]
+
+The batch is the first ``--structures`` structures of ``--input`` with at least 12 Å³ per atom. Every model
+runs in a fresh subprocess, one after the other, so ``ru_maxrss`` is that model's peak and no two models
+share memory. A step is forward, forces and stress with ``create_graph=True``, the loss, backward and an
+AdamW step; the step time is the best of ``--steps`` steps after one untimed warm-up step (on a shared
+machine the median, also in the JSON, moves with other jobs).
+
+Ours (float32, random weights): ``matris-6l`` and ``matris-6l-moe``, the same model with both feed-forward
+layers of all six blocks as MoE layers of 8 experts, top-2, expert hidden width 128: two active experts
+have exactly the parameters of the dense 256-wide gated MLP they replace, so ``matris-6l`` is the dense
+model with the MoE's active parameter count. FLOPs are ``matris.flops.model_flops`` (matmuls of forward,
+force backward and parameter backward); FLOP efficiency divides FLOPs per second by the FLOPs per second
+of a 4096² fp32 matmul timed in the same process right after the steps.
+
+Peers run in their own venv (``--peers-python``) through ``_peers_model.py``: the published MatRIS (PyPI
+``matris`` 0.1.0, ``num_layers=6``) on the first ``--pub-structures`` structures only, because it needs
+≈17 GB for 4 of them (throughput is compared per atom, memory against ``matris-6l`` on the same 4), MACE
+(128x0e, max_ell 3, 2 interactions, r_max 6 Å) and CHGNet's architecture on the whole batch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import ase.io
+import numpy as np
+import torch
+from ase import Atoms
+from rich.console import Console
+from rich.table import Table
+
+from matris import LossConfig, MatRIS, ModelConfig, multitask_loss, predict
+from matris.batch import Batch, collate
+from matris.flops import model_flops
+from matris.graph import graph_from_atoms
+from matris.moe import Experts
+
+DATA = Path("/work/shared/data")
+PEERS_HELPER = Path(__file__).with_name("_peers_model.py")
+MIN_VOLUME_PER_ATOM = 12.0  # Å³
+MODELS = {
+    "matris-6l": ModelConfig.from_preset("matris-6l"),
+    "matris-6l-moe": ModelConfig.from_preset(
+        "matris-6l", moe_blocks=list(range(6)), num_experts=8, top_k=2, expert_hidden=128
+    ),
+}
+PEERS = {"matris-pub": "published MatRIS 0.1.0", "mace": "MACE", "chgnet": "CHGNet"}
+PUB_MIN_FREE_GB = 18.0  # the published MatRIS peaks at ≈17 GB on 4 structures
+
+
+def select(path: Path, count: int) -> list[Atoms]:
+    """The first ``count`` structures of ``path`` with at least 12 Å³ per atom."""
+    chosen = []
+    for atoms in ase.io.iread(path, format="extxyz"):
+        if atoms.get_volume() / len(atoms) >= MIN_VOLUME_PER_ATOM:
+            chosen.append(atoms)
+            if len(chosen) == count:
+                break
+    return chosen
+
+
+def labelled_batch(frames: list[Atoms], cutoff: float) -> Batch:
+    graphs = [
+        replace(
+            graph_from_atoms(a, cutoff),
+            energy=float(a.info["REF_energy"]),
+            forces=np.asarray(a.arrays["REF_forces"]),
+            stress=np.reshape(a.info["REF_stress"], (3, 3)),
+        )
+        for a in frames
+    ]
+    return collate(graphs)
+
+
+def rss_gb() -> float:
+    with open("/proc/self/statm") as fh:
+        return int(fh.read().split()[1]) * resource.getpagesize() / 1e9
+
+
+def matmul_flops_per_s(n: int = 4096, repeats: int = 5) -> float:
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - start)
+    return 2 * n**3 / best
+
+
+def active_params(model: MatRIS) -> int:
+    config = model.config
+    total = sum(p.numel() for p in model.parameters())
+    experts = sum(p.numel() for m in model.modules() if isinstance(m, Experts) for p in m.parameters())
+    return total - experts + experts * config.top_k // config.num_experts
+
+
+def measure(name: str, frames_path: Path, steps: int) -> dict:
+    """One of our models, in this process: step times, memory, FLOPs and the matmul rate."""
+    config = MODELS[name]
+    batch = labelled_batch(ase.io.read(frames_path, ":", format="extxyz"), config.cutoff)
+    torch.manual_seed(0)
+    model = MatRIS(config)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    loss_config = LossConfig()
+    setup_rss = rss_gb()
+    times, cpu_times = [], []
+    for _ in range(steps + 1):
+        start, cpu_start = time.perf_counter(), time.process_time()
+        optimizer.zero_grad(set_to_none=True)
+        loss, _ = multitask_loss(predict(model, batch, training=True), batch, config.tasks, loss_config)
+        loss.backward()
+        optimizer.step()
+        times.append(time.perf_counter() - start)
+        cpu_times.append(time.process_time() - cpu_start)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9  # KiB on Linux
+    step_s = min(times[1:])  # best of the timed steps: the machine may be shared
+    flops = model_flops(model, batch)
+    matmul = matmul_flops_per_s()
+    return {
+        "model": name,
+        "structures": batch.num_structures,
+        "atoms": batch.num_atoms,
+        "edges": batch.num_edges,
+        "params": sum(p.numel() for p in model.parameters()),
+        "active_params": active_params(model),
+        "threads": torch.get_num_threads(),
+        "step_s": step_s,
+        "median_step_s": statistics.median(times[1:]),
+        "step_times_s": times,
+        "cpu_step_s": min(cpu_times[1:]),
+        "atoms_per_s": batch.num_atoms / step_s,
+        "peak_rss_gb": peak,
+        "step_rss_gb": peak - setup_rss,
+        "flops": flops,
+        "flops_per_s": flops["total"] / step_s,
+        "matmul_flops_per_s": matmul,
+        "flop_efficiency": flops["total"] / step_s / matmul,
+    }
+
+
+def run_json(command: list[str], threads: int, console: Console) -> dict | None:
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads)) if threads else None
+    done = subprocess.run(command, capture_output=True, text=True, env=env)
+    if done.returncode != 0:
+        console.print(f"[yellow]{' '.join(command[-6:])} failed:[/yellow] {done.stderr.strip()[-2000:]}")
+        return None
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def mem_available_gb() -> float:
+    with open("/proc/meminfo") as fh:
+        info = dict(line.split(":", 1) for line in fh)
+    return int(info["MemAvailable"].split()[0]) * 1024 / 1e9
+
+
+def targets(results: dict[str, dict]) -> dict[str, dict]:
+    """The issue's targets, each with its measured value, limit and verdict (absent if not measured)."""
+    out = {}
+    dense, moe = results.get("matris-6l"), results.get("matris-6l-moe")
+    pub, dense_pub = results.get("matris-pub"), results.get("matris-6l@pub")
+    if dense and pub:
+        value = dense["atoms_per_s"] / pub["atoms_per_s"]
+        out["throughput vs published MatRIS (per atom)"] = {
+            "value": value,
+            "limit": ">= 3",
+            "met": value >= 3,
+        }
+    if dense_pub and pub:
+        value = dense_pub["peak_rss_gb"] / pub["peak_rss_gb"]
+        out["peak memory vs published MatRIS (same batch)"] = {
+            "value": value,
+            "limit": "<= 0.25",
+            "met": value <= 0.25,
+        }
+    if dense:
+        value = dense["flop_efficiency"]
+        out["matris-6l FLOP efficiency"] = {"value": value, "limit": ">= 0.40", "met": value >= 0.40}
+    if dense and moe:
+        value = moe["step_s"] / dense["step_s"]
+        out["MoE step time vs dense of equal active params"] = {
+            "value": value,
+            "limit": "<= 1.2",
+            "met": value <= 1.2,
+        }
+    return out
+
+
+def fmt(value: float | None, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def print_table(console: Console, results: dict[str, dict], title: str) -> None:
+    table = Table(title=title)
+    columns = (
+        "model",
+        "structures",
+        "atoms",
+        "params M",
+        "best step s",
+        "atoms/s",
+        "peak RSS GB",
+        "step ΔRSS GB",
+        "GFLOP/step",
+        "GFLOP/s",
+        "FLOP eff.",
+        "6l ÷ row: atoms/s",
+        "6l ÷ row: peak RSS",
+    )
+    for column in columns:
+        table.add_column(column, justify="left" if column == "model" else "right")
+    dense = results.get("matris-6l")
+    for key, r in results.items():
+        same_batch = next(
+            (
+                o
+                for k, o in results.items()
+                if k.startswith("matris-6l") and "moe" not in k and o["structures"] == r["structures"]
+            ),
+            None,
+        )
+        flops = r.get("flops", {}).get("total")
+        table.add_row(
+            key if key in MODELS or key.startswith("matris-6l") else PEERS[key],
+            str(r["structures"]),
+            str(r["atoms"]),
+            f"{r['params'] / 1e6:.2f}",
+            f"{r['step_s']:.2f}",
+            f"{r['atoms_per_s']:.1f}",
+            f"{r['peak_rss_gb']:.2f}",
+            f"{r['step_rss_gb']:.2f}",
+            fmt(flops and flops / 1e9, ",.0f"),
+            fmt(r.get("flops_per_s") and r["flops_per_s"] / 1e9, ".1f"),
+            fmt(r.get("flop_efficiency") and 100 * r["flop_efficiency"], ".0f") + ("%" if flops else ""),
+            fmt(dense and dense["atoms_per_s"] / r["atoms_per_s"], ".2f"),
+            fmt(same_batch and same_batch["peak_rss_gb"] / r["peak_rss_gb"], ".2f"),
+        )
+    console.print(table)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    formatter = argparse.RawDescriptionHelpFormatter
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=formatter)
+    parser.add_argument("--input", type=Path, default=DATA / "crystals_pbe.extxyz.gz")
+    parser.add_argument("--structures", type=int, default=32)
+    parser.add_argument("--pub-structures", type=int, default=4, help="batch of the published MatRIS")
+    parser.add_argument("--steps", type=int, default=3, help="timed steps after one warm-up step")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads per model (0: default)")
+    parser.add_argument("--peers-python", default="/work/peers-venv/bin/python")
+    names = [*MODELS, "matris-6l@pub", *PEERS]
+    parser.add_argument("--only", nargs="+", choices=names, default=names, help="run these models only")
+    parser.add_argument("--json", type=Path, help="also write the JSON report here")
+    parser.add_argument("--worker", choices=MODELS, help=argparse.SUPPRESS)
+    parser.add_argument("--frames", type=Path, help=argparse.SUPPRESS)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.worker:
+        print(json.dumps(measure(args.worker, args.frames, args.steps)))
+        return 0
+    console = Console(width=220)
+    if not args.input.is_file():
+        console.print(f"[red]error:[/red] input file not found: {args.input}")
+        return 1
+    report: dict = {"cores": os.cpu_count(), "load_average_start": os.getloadavg()[0], "results": {}}
+    results = report["results"]
+    frames = select(args.input, args.structures)
+    with tempfile.TemporaryDirectory() as tmp:
+        batch_file, pub_file = Path(tmp) / "batch.extxyz", Path(tmp) / "pub.extxyz"
+        ase.io.write(batch_file, frames, format="extxyz")
+        ase.io.write(pub_file, frames[: args.pub_structures], format="extxyz")
+        common = ["--steps", str(args.steps), "--threads", str(args.threads)]
+        ours = [(name, name, batch_file) for name in MODELS] + [("matris-6l@pub", "matris-6l", pub_file)]
+        for key, name, path in ours:
+            if key in args.only:
+                command = [sys.executable, __file__, "--worker", name, "--frames", str(path), *common]
+                results[key] = run_json(command, args.threads, console)
+        for peer in PEERS:
+            if peer not in args.only:
+                continue
+            if not Path(args.peers_python).exists():
+                console.print(f"[yellow]{peer} skipped: {args.peers_python} not found[/yellow]")
+                continue
+            free = mem_available_gb()
+            if peer == "matris-pub" and free < PUB_MIN_FREE_GB:
+                console.print(
+                    f"[yellow]matris-pub skipped: {free:.1f} GB available, needs {PUB_MIN_FREE_GB}[/]"
+                )
+                continue
+            path = pub_file if peer == "matris-pub" else batch_file
+            command = [args.peers_python, str(PEERS_HELPER), "--model", peer, "--input", str(path), *common]
+            results[peer] = run_json(command, args.threads, console)
+    for key in [k for k, v in results.items() if v is None]:
+        del results[key]
+    report["load_average_end"] = os.getloadavg()[0]
+    report["targets"] = targets(results)
+    threads = {r["threads"] for r in results.values()}
+    title = (
+        f"training step, float32 CPU, {os.cpu_count()} cores, torch threads {sorted(threads)}, load average "
+        f"{report['load_average_start']:.1f} → {report['load_average_end']:.1f}; "
+        f"published MatRIS on {args.pub_structures} structures, the rest on {len(frames)}"
+    )
+    print_table(console, results, title)
+    for name, t in report["targets"].items():
+        verdict = "[green]met[/green]" if t["met"] else "[red]missed[/red]"
+        console.print(f"{name}: {t['value']:.2f} (target {t['limit']}) {verdict}")
+    text = json.dumps(report, indent=1)
+    print(text)
+    if args.json:
+        args.json.write_text(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

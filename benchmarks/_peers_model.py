@@ -17,39 +17,37 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
-import statistics
-import time
 from collections.abc import Callable
 
 import ase.io
 import numpy as np
 import torch
+from _step_timing import time_steps
 from ase import Atoms
 
 Step = Callable[[], torch.Tensor]
 
 
-def labels(frames: list[Atoms]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def labels(frames: list[Atoms], device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Energy per atom (b,), forces (n, 3) and stress (b, 3, 3) of the frames, float32."""
     energy = torch.tensor([a.info["REF_energy"] / len(a) for a in frames])
-    forces = torch.from_numpy(np.concatenate([a.arrays["REF_forces"] for a in frames])).float()
-    stress = torch.from_numpy(np.stack([np.reshape(a.info["REF_stress"], (3, 3)) for a in frames])).float()
-    return energy.float(), forces, stress
+    forces = torch.from_numpy(np.concatenate([a.arrays["REF_forces"] for a in frames]))
+    stress = torch.from_numpy(np.stack([np.reshape(a.info["REF_stress"], (3, 3)) for a in frames]))
+    return tuple(t.to(device, torch.float32) for t in (energy, forces, stress))
 
 
 def mse(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return (pred - target).square().mean()
 
 
-def matris_pub(frames: list[Atoms]) -> tuple[torch.nn.Module, Step]:
+def matris_pub(frames: list[Atoms], device: torch.device) -> tuple[torch.nn.Module, Step]:
     from pymatgen.io.ase import AseAtomsAdaptor
 
     from matris.model import MatRIS
 
     model = MatRIS(num_layers=6)
-    graphs = [model.graph_converter(AseAtomsAdaptor.get_structure(a)) for a in frames]
-    energy, forces, stress = labels(frames)
+    graphs = [model.graph_converter(AseAtomsAdaptor.get_structure(a)).to(device) for a in frames]
+    energy, forces, stress = labels(frames, device)
 
     def loss() -> torch.Tensor:
         out = model(graphs, task="efs", is_training=True)
@@ -62,7 +60,7 @@ def matris_pub(frames: list[Atoms]) -> tuple[torch.nn.Module, Step]:
     return model, loss
 
 
-def mace(frames: list[Atoms]) -> tuple[torch.nn.Module, Step]:
+def mace(frames: list[Atoms], device: torch.device) -> tuple[torch.nn.Module, Step]:
     torch.serialization.add_safe_globals(
         [slice]
     )  # e3nn 0.4.4 torch.loads its constants.pt, which holds slices
@@ -82,7 +80,7 @@ def mace(frames: list[Atoms]) -> tuple[torch.nn.Module, Step]:
         AtomicData.from_config(config_from_atoms(a, key_specification=keys), z_table=table, cutoff=6.0)
         for a in frames
     ]
-    batch = Batch.from_data_list(data).to_dict()
+    batch = Batch.from_data_list(data).to(device).to_dict()
     avg_neighbours = batch["edge_index"].shape[1] / batch["positions"].shape[0]
     model = MACE(
         r_max=6.0,
@@ -102,8 +100,8 @@ def mace(frames: list[Atoms]) -> tuple[torch.nn.Module, Step]:
         gate=torch.nn.functional.silu,
         radial_MLP=[64, 64, 64],
     )
-    energy, forces, stress = labels(frames)
-    atoms_per_structure = torch.tensor([len(a) for a in frames], dtype=torch.float32)
+    energy, forces, stress = labels(frames, device)
+    atoms_per_structure = torch.tensor([len(a) for a in frames], dtype=torch.float32, device=device)
 
     def loss() -> torch.Tensor:
         out = model(dict(batch), training=True, compute_force=True, compute_stress=True)
@@ -116,13 +114,13 @@ def mace(frames: list[Atoms]) -> tuple[torch.nn.Module, Step]:
     return model, loss
 
 
-def chgnet(frames: list[Atoms]) -> tuple[torch.nn.Module, Step]:
+def chgnet(frames: list[Atoms], device: torch.device) -> tuple[torch.nn.Module, Step]:
     from chgnet.model import CHGNet
     from pymatgen.io.ase import AseAtomsAdaptor
 
     model = CHGNet()
-    graphs = [model.graph_converter(AseAtomsAdaptor.get_structure(a)) for a in frames]
-    energy, forces, stress = labels(frames)
+    graphs = [model.graph_converter(AseAtomsAdaptor.get_structure(a)).to(device) for a in frames]
+    energy, forces, stress = labels(frames, device)
 
     def loss() -> torch.Tensor:
         out = model(graphs, task="efs")
@@ -138,37 +136,30 @@ def chgnet(frames: list[Atoms]) -> tuple[torch.nn.Module, Step]:
 PEERS = {"matris-pub": matris_pub, "mace": mace, "chgnet": chgnet}
 
 
-def rss_gb() -> float:
-    with open("/proc/self/statm") as fh:
-        return int(fh.read().split()[1]) * resource.getpagesize() / 1e9
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--model", choices=PEERS, required=True)
     parser.add_argument("--input", required=True, help="extxyz file; every frame is used")
     parser.add_argument("--steps", type=int, default=3, help="timed steps, after one untimed warm-up step")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--device", default="cpu", help="torch device: cpu or cuda")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
     torch.manual_seed(0)
     frames = ase.io.read(args.input, ":", format="extxyz")
-    model, loss = PEERS[args.model](frames)
-    model.train()
+    model, loss = PEERS[args.model](frames, device)
+    model.to(device).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    setup_rss = rss_gb()
-    times, cpu_times = [], []
-    for _ in range(args.steps + 1):
-        start, cpu_start = time.perf_counter(), time.process_time()
+
+    def step() -> None:
         optimizer.zero_grad(set_to_none=True)
         loss().backward()
         optimizer.step()
-        times.append(time.perf_counter() - start)
-        cpu_times.append(time.process_time() - cpu_start)
-    step_s = min(times[1:])  # best of the timed steps: the machine may be shared
+
+    timing = time_steps(step, args.steps, device)
     n_atoms = sum(len(a) for a in frames)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9  # KiB on Linux
     print(
         json.dumps(
             {
@@ -176,14 +167,8 @@ def main() -> None:
                 "structures": len(frames),
                 "atoms": n_atoms,
                 "params": sum(p.numel() for p in model.parameters()),
-                "threads": torch.get_num_threads(),
-                "step_s": step_s,
-                "median_step_s": statistics.median(times[1:]),
-                "step_times_s": times,
-                "cpu_step_s": min(cpu_times[1:]),
-                "atoms_per_s": n_atoms / step_s,
-                "peak_rss_gb": peak,
-                "step_rss_gb": peak - setup_rss,
+                **timing,
+                "atoms_per_s": n_atoms / timing["step_s"],
             }
         )
     )

@@ -55,11 +55,12 @@ def sha256(path: Path) -> str:
 
 
 def _put(f: h5py.File, name: str, data: np.ndarray, kind: str) -> None:
+    """One dataset, without HDF5's modification time so that a rewritten shard has the same sha256."""
     if len(data) == 0:
-        f.create_dataset(name, data=data)
+        f.create_dataset(name, data=data, track_times=False)
         return
     chunks = (min(len(data), CHUNK_ROWS[kind]), *data.shape[1:])
-    f.create_dataset(name, data=data, chunks=chunks, compression="lzf", shuffle=True)
+    f.create_dataset(name, data=data, chunks=chunks, compression="lzf", shuffle=True, track_times=False)
 
 
 def write_shard(path: Path, records: Sequence[Record], split: str, source: str, cutoff: float) -> dict:

@@ -1,0 +1,54 @@
+"""Times training steps and reads their peak memory in one way for our models and for the peers.
+
+Imported by ``bench_model.py`` and by ``_peers_model.py``, which runs in the peers' venv: torch and the
+standard library only. On a GPU every step is bracketed by ``torch.cuda.synchronize`` and the peak is
+``torch.cuda.max_memory_allocated`` (parameters, activations, optimizer state); on the CPU the peak is the
+process's ``ru_maxrss``, so run one model per process.
+"""
+
+from __future__ import annotations
+
+import resource
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+
+
+def rss_gb() -> float:
+    with open("/proc/self/statm") as fh:
+        return int(fh.read().split()[1]) * resource.getpagesize() / 1e9
+
+
+def time_steps(step: Callable[[], None], steps: int, device: torch.device) -> dict:
+    """Run ``step`` once untimed, then ``steps`` times; the best step is the figure (shared machines)."""
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device) / 1e9
+    else:
+        base = rss_gb()
+    times, cpu_times = [], []
+    for _ in range(steps + 1):
+        start, cpu_start = time.perf_counter(), time.process_time()
+        step()
+        if cuda:
+            torch.cuda.synchronize(device)
+        times.append(time.perf_counter() - start)
+        cpu_times.append(time.process_time() - cpu_start)
+    if cuda:
+        peak = torch.cuda.max_memory_allocated(device) / 1e9
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9  # KiB on Linux
+    return {
+        "device": torch.cuda.get_device_name(device) if cuda else "cpu",
+        "threads": torch.get_num_threads(),
+        "step_s": min(times[1:]),
+        "median_step_s": statistics.median(times[1:]),
+        "step_times_s": times,
+        "cpu_step_s": min(cpu_times[1:]),
+        "peak_gb": peak,
+        "step_gb": peak - base,
+    }

@@ -22,10 +22,10 @@ from data_prep.validate import Record
 RIDGE = 1e-8  # relative to the mean diagonal of the normal matrix
 
 
-def write_json(path: Path, obj) -> None:
+def write_json(path: Path, obj, indent: int | None = 1) -> None:
     """Write JSON atomically: a reader sees the old file or the new one, never a partial one."""
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1, sort_keys=False) + "\n")
+    tmp.write_text(json.dumps(obj, indent=indent, sort_keys=False) + "\n")
     os.replace(tmp, path)
 
 

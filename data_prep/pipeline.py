@@ -21,7 +21,7 @@ from pathlib import Path
 
 from data_prep import manifest
 from data_prep.config import DataConfig
-from data_prep.readers import count_records, detect_format, read_records
+from data_prep.readers import detect_format, plan_records, read_records
 from data_prep.shards import sha256, write_shard
 from data_prep.split import split_of
 from data_prep.validate import Record, Rejected, StrictModeError, check
@@ -29,12 +29,14 @@ from data_prep.validate import Record, Rejected, StrictModeError, check
 
 @dataclass(frozen=True)
 class Chunk:
-    """Records ``start <= position < stop`` of one source file."""
+    """Records ``start <= position < stop`` of one source file; ``offset`` is where record ``start``
+    begins in a stream format (None: read from the file's start)."""
 
     source: str
     format: str
     start: int
     stop: int
+    offset: int | None = None
 
     @property
     def chunk_id(self) -> str:
@@ -64,9 +66,8 @@ def plan_chunks(config: DataConfig) -> list[Chunk]:
         if not Path(source).exists():
             raise FileNotFoundError(f"input file not found: {source}")
         fmt = detect_format(Path(source), config.format)
-        n = count_records(Path(source), fmt)
-        for start in range(0, n, config.shard_size):
-            chunks.append(Chunk(str(source), fmt, start, min(start + config.shard_size, n)))
+        for start, stop, offset in plan_records(Path(source), fmt, config.shard_size):
+            chunks.append(Chunk(str(source), fmt, start, stop, offset))
     return chunks
 
 
@@ -100,7 +101,7 @@ def _reusable(chunk: Chunk, config: DataConfig, out_dir: Path) -> ChunkResult | 
 
 
 def _validated(chunk: Chunk, config: DataConfig) -> Iterator[Record | tuple[int | str, Rejected]]:
-    for index, atoms in read_records(Path(chunk.source), chunk.format, chunk.start, chunk.stop):
+    for index, atoms in read_records(Path(chunk.source), chunk.format, chunk.start, chunk.stop, chunk.offset):
         try:
             if isinstance(atoms, Exception):
                 raise Rejected("record", f"malformed: {atoms}")
@@ -154,7 +155,7 @@ def write_chunk(chunk: Chunk, config: DataConfig, out_dir: Path) -> ChunkResult:
         "n_rejected": len(rejected),
         "stats": stats,
     }
-    manifest.write_json(summary_path, summary)
+    manifest.write_json(summary_path, summary, indent=None)  # machine-read; indenting costs 4 % of a chunk
     return ChunkResult(chunk, shards, n_structures, len(rejected), json.loads(json.dumps(stats)))
 
 

@@ -127,21 +127,17 @@ def check(atoms: Atoms, source: str, index: int | str, config: DataConfig) -> Re
     task = str(atoms.info.get(config.task_key) or default_task(source, config))
 
     try:
-        edge_index, edge_shift = neighbor_graph(positions, cell, pbc, config.cutoff)
+        edge_index, edge_shift, distance = neighbor_graph(positions, cell, pbc, config.cutoff)
     except (ValueError, RuntimeError) as error:
         raise Rejected("cell", f"no neighbour list: {error}") from error
-    if edge_index.shape[1]:
-        i, j = edge_index
-        vectors = positions[j] - positions[i]
-        vectors += edge_shift @ cell
-        squared = np.einsum("ij,ij->i", vectors, vectors)
-        closest = int(np.argmin(squared))
-        if squared[closest] < config.min_distance**2:
-            raise Rejected(
-                "positions",
-                f"atoms {int(i[closest])} and {int(j[closest])} are {np.sqrt(squared[closest]):.3f} Å "
-                f"apart (min_distance {config.min_distance} Å)",
-            )
+    if distance.size and distance.min() < config.min_distance:
+        closest = int(np.argmin(distance))
+        i, j = edge_index[:, closest]
+        raise Rejected(
+            "positions",
+            f"atoms {int(i)} and {int(j)} are {distance[closest]:.3f} Å apart "
+            f"(min_distance {config.min_distance} Å)",
+        )
     return Record(
         source=source,
         index=index,

@@ -253,7 +253,7 @@ def load_artifact(path: Path) -> tuple[nn.Module, dict[str, Any]]:
 
 def edge_inputs(atoms: Atoms, cutoff: float, dtype: torch.dtype, task: int = 0) -> tuple[torch.Tensor, ...]:
     """The program's inputs for ``atoms``: the same pair list as training (`matris.graph`)."""
-    edge_index, shift = neighbor_graph(atoms.positions, atoms.cell.array, atoms.pbc, cutoff)
+    edge_index, shift, _ = neighbor_graph(atoms.positions, atoms.cell.array, atoms.pbc, cutoff)
     i, j = edge_index
     vectors = atoms.positions[j] + shift @ atoms.cell.array - atoms.positions[i]
     return (

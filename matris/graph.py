@@ -8,7 +8,9 @@ to rebuild from edges, while storing it would multiply shard size by the ~5 trip
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 from vesin import NeighborList
@@ -46,10 +48,26 @@ class StructureGraph:
         return int(self.edge_index.shape[1])
 
 
-def neighbor_graph(
-    positions: np.ndarray, cell: np.ndarray, pbc: np.ndarray, cutoff: float
-) -> tuple[np.ndarray, np.ndarray]:
-    """Directed edges (2, e) and integer cell shifts (e, 3) of all pairs closer than ``cutoff``.
+class Neighbours(NamedTuple):
+    edge_index: np.ndarray  # (2, e) int64: centre i, neighbour j
+    edge_shift: np.ndarray  # (e, 3) int32 cell shifts of the neighbour
+    distance: np.ndarray  # (e,) float64, Å
+
+
+_thread = threading.local()
+
+
+def _neighbor_list(cutoff: float) -> NeighborList:
+    """One vesin list per thread and cutoff, reused: creating one costs about a third of a crystal's
+    search, and a list must not be shared between threads."""
+    lists = _thread.__dict__.setdefault("lists", {})
+    if cutoff not in lists:
+        lists[cutoff] = NeighborList(cutoff=cutoff, full_list=True, sorted=True)
+    return lists[cutoff]
+
+
+def neighbor_graph(positions: np.ndarray, cell: np.ndarray, pbc: np.ndarray, cutoff: float) -> Neighbours:
+    """Directed edges, integer cell shifts and lengths of all pairs closer than ``cutoff``.
 
     Works for periodic, partly periodic and non-periodic structures; a non-periodic direction with a zero
     cell vector gets a bounding box large enough that vesin sees no image.
@@ -58,13 +76,14 @@ def neighbor_graph(
     cell = np.array(cell, dtype=np.float64).reshape(3, 3)
     pbc = np.asarray(pbc, dtype=bool).reshape(3)
     if len(positions) == 0:
-        return np.zeros((2, 0), np.int64), np.zeros((0, 3), np.int32)
+        return Neighbours(np.zeros((2, 0), np.int64), np.zeros((0, 3), np.int32), np.zeros(0))
     if not pbc.all():
         cell = _box_for_open_directions(positions, cell, pbc, cutoff)
-    nl = NeighborList(cutoff=float(cutoff), full_list=True, sorted=True)
-    i, j, shifts = nl.compute(points=positions, box=cell, periodic=pbc, quantities="ijS")
-    edge_index = np.stack([i.astype(np.int64), j.astype(np.int64)])
-    return edge_index, shifts.astype(np.int32)
+    pairs, shifts, distances = _neighbor_list(float(cutoff)).compute(
+        points=positions, box=cell, periodic=pbc, quantities="PSd", copy=False
+    )
+    # copy=False returns views into the list's buffers: the astype calls copy them before its next use
+    return Neighbours(pairs.T.astype(np.int64), shifts.astype(np.int32), distances.astype(np.float64))
 
 
 def _box_for_open_directions(
@@ -85,7 +104,7 @@ def _box_for_open_directions(
 
 def graph_from_atoms(atoms, cutoff: float, task: int = 0) -> StructureGraph:
     """Build the graph of an ``ase.Atoms`` (no labels); charge and spin come from ``atoms.info``."""
-    edge_index, edge_shift = neighbor_graph(atoms.positions, atoms.cell.array, atoms.pbc, cutoff)
+    edge_index, edge_shift, _ = neighbor_graph(atoms.positions, atoms.cell.array, atoms.pbc, cutoff)
     return StructureGraph(
         atomic_numbers=atoms.numbers.astype(np.int64),
         positions=atoms.positions.astype(np.float64),

@@ -114,12 +114,8 @@ def smallest_distance(atoms: Atoms) -> float:
     """Shortest interatomic distance, periodic images included (``PROBE`` if none is shorter)."""
     if not np.isfinite(atoms.positions).all():
         return float("nan")
-    edge_index, shift = neighbor_graph(atoms.positions, atoms.cell.array, atoms.pbc, PROBE)
-    if edge_index.shape[1] == 0:
-        return PROBE
-    i, j = edge_index
-    vectors = atoms.positions[j] + shift @ atoms.cell.array - atoms.positions[i]
-    return float(np.linalg.norm(vectors, axis=1).min())
+    distance = neighbor_graph(atoms.positions, atoms.cell.array, atoms.pbc, PROBE).distance
+    return float(distance.min()) if distance.size else PROBE
 
 
 def describe(record: dict[str, Any]) -> str:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import gzip
 import importlib.util
+import itertools
 import json
 import os
 import pickle
@@ -294,6 +296,31 @@ def test_extxyz_reader_gives_ases_atoms(tmp_path):
         for mine, theirs in zip(got, expected, strict=True):
             assert_identical(mine, theirs)
     assert len(got[2].constraints) == 1
+
+
+def test_chunks_start_at_byte_offsets(tmp_path):
+    """A chunk seeks to the offset the counting pass recorded and reads exactly its records, in gzip and
+    plain files, with blank lines between frames, and a malformed frame keeps its index."""
+    text = (SAMPLE / "molecules_gfn2.extxyz.gz").read_bytes()
+    plain = tmp_path / "molecules.extxyz"
+    plain.write_bytes(gzip.decompress(text).replace(b"\n2\n", b"\n\n2\n", 3))
+    bad = tmp_path / "bad.extxyz"
+    bad.write_text(BAD_FILE)
+    for path in (SAMPLE / "molecules_gfn2.extxyz.gz", plain, bad):
+        everything = [
+            (i, a if isinstance(a, Exception) else a.get_chemical_formula()) for i, a in read_records(path)
+        ]
+        n, marks = extxyz_reader.offsets(path, 7)
+        assert n == count_records(path) == len(everything) and len(marks) == -(-n // 7)
+        chunked = []
+        for start, offset in zip(range(0, n, 7), marks, strict=True):
+            for i, a in read_records(path, start=start, stop=start + 7, offset=offset):
+                chunked.append((i, a if isinstance(a, Exception) else a.get_chemical_formula()))
+        assert [i for i, _ in chunked] == [i for i, _ in everything]
+        for (_, mine), (_, theirs) in zip(chunked, everything, strict=True):
+            assert type(mine) is type(theirs) and str(mine) == str(theirs)
+    chunks = plan_chunks(DataConfig(sources=[SAMPLE / "molecules_gfn2.extxyz.gz"], shard_size=60))
+    assert chunks[0].offset == 0 and all(a.offset < b.offset for a, b in itertools.pairwise(chunks))
 
 
 def test_strict_names_file_record_and_field(tmp_path, capsys):

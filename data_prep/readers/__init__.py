@@ -1,7 +1,9 @@
 """Readers: one module per input format, each with the same two functions.
 
-``count(path) -> int`` gives the number of records (for chunk planning) and ``read(path, start, stop)``
-yields ``(record_id, atoms_or_exception)`` for records ``start <= position < stop``. A malformed record
+``count(path) -> int`` gives the number of records (for chunk planning) and ``read(path, start, stop,
+offset)`` yields ``(record_id, atoms_or_exception)`` for records ``start <= position < stop``. A stream
+format (extxyz) also has ``offsets(path, every)``, the byte offsets where chunks start, which ``read`` takes
+as ``offset``; random-access formats ignore it. A malformed record
 comes back as an exception in place of the atoms, so one bad record is quarantined instead of ending the
 run. Labels stay where the format puts them (``info``/``arrays`` or calculator results); ``validate``
 finds them.
@@ -48,5 +50,21 @@ def count_records(path: Path, fmt: str = "auto") -> int:
     return READERS[detect_format(path, fmt)].count(Path(path))
 
 
-def read_records(path: Path, fmt: str = "auto", start: int = 0, stop: int | None = None) -> Iterator[Record]:
-    return READERS[detect_format(path, fmt)].read(Path(path), start, stop)
+def plan_records(path: Path, fmt: str, every: int) -> list[tuple[int, int, int | None]]:
+    """``(start, stop, offset)`` of consecutive ranges of ``every`` records; ``offset`` is None where the
+    format has no byte offsets."""
+    reader = READERS[detect_format(path, fmt)]
+    if hasattr(reader, "offsets"):
+        n, marks = reader.offsets(Path(path), every)
+    else:
+        n = reader.count(Path(path))
+        marks = [None] * len(range(0, n, every))
+    return [
+        (start, min(start + every, n), mark) for start, mark in zip(range(0, n, every), marks, strict=True)
+    ]
+
+
+def read_records(
+    path: Path, fmt: str = "auto", start: int = 0, stop: int | None = None, offset: int | None = None
+) -> Iterator[Record]:
+    return READERS[detect_format(path, fmt)].read(Path(path), start, stop, offset)

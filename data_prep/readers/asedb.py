@@ -43,5 +43,7 @@ def count(path: Path) -> int:
     return connect(path).count()
 
 
-def read(path: Path, start: int = 0, stop: int | None = None) -> Iterator[tuple[int, Atoms | Exception]]:
+def read(
+    path: Path, start: int = 0, stop: int | None = None, offset: int | None = None
+) -> Iterator[tuple[int, Atoms | Exception]]:
     yield from rows(connect(path), start, stop)

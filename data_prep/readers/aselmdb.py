@@ -31,7 +31,9 @@ def count(path: Path) -> int:
     return connect(path).count()
 
 
-def read(path: Path, start: int = 0, stop: int | None = None) -> Iterator[tuple[int, Atoms | Exception]]:
+def read(
+    path: Path, start: int = 0, stop: int | None = None, offset: int | None = None
+) -> Iterator[tuple[int, Atoms | Exception]]:
     db = connect(path)
     ids = db.ids[start:stop]
     for row_id in ids:

@@ -1,8 +1,9 @@
 """Extended XYZ, plain or gzip, read as a stream.
 
-The file is split into frames by their atom-count lines without parsing, so skipping to a chunk's start is
-cheap and each frame is parsed on its own: a malformed or truncated frame becomes an exception for that
-record only. Gzip is decompressed as a stream (``gzip.open``) because ASE seeking in gzip is ~100x slower.
+The file is split into frames by their atom-count lines without parsing, and the counting pass records the
+byte offset where each chunk starts, so a chunk seeks there (a gzip stream is decompressed up to it, not
+split into lines). Each frame is parsed on its own: a malformed or truncated frame becomes an exception for
+that record only. Gzip is decompressed as a stream (``gzip.open``): ASE seeking in gzip is ~100x slower.
 
 A frame is parsed by libextxyz's C parser when the ``extxyz`` package imports (``_fastxyz``, ~4x faster
 than ASE on small cells, same ``Atoms``); a frame it cannot read, and every frame without it, goes to ASE.
@@ -38,32 +39,51 @@ def open_binary(path: Path) -> BinaryIO:
     return open(path, "rb")
 
 
-def frames(path: Path) -> Iterator[list[bytes] | MalformedFrame]:
-    """Raw lines of each frame; after an unreadable atom count or a truncated frame, the file ends."""
+def frames(path: Path, offset: int = 0) -> Iterator[tuple[int, list[bytes] | MalformedFrame]]:
+    """Byte offset (in the decompressed text) and raw lines of each frame from ``offset`` on; after an
+    unreadable atom count or a truncated frame, the file ends."""
     with open_binary(path) as fh:
+        if offset:
+            fh.seek(offset)  # gzip: decompresses up to there without splitting lines
+        position = offset
         while True:
             header = fh.readline()
             if not header:
                 return
+            start, position = position, position + len(header)
             if not header.strip():
                 continue
             try:
                 n_atoms = int(header.split()[0])
             except ValueError:
                 text = header.decode(errors="replace").strip()[:60]
-                yield MalformedFrame(f"atom-count line is not an integer: {text!r}")
+                yield start, MalformedFrame(f"atom-count line is not an integer: {text!r}")
                 return
-            lines = [header, *islice(fh, n_atoms + 1)]
-            if len(lines) < n_atoms + 2:
-                yield MalformedFrame(
-                    f"truncated frame: expected {n_atoms} atom lines, found {max(len(lines) - 2, 0)}"
+            body = list(islice(fh, n_atoms + 1))
+            position += sum(map(len, body))
+            if len(body) < n_atoms + 1:
+                yield (
+                    start,
+                    MalformedFrame(
+                        f"truncated frame: expected {n_atoms} atom lines, found {max(len(body) - 1, 0)}"
+                    ),
                 )
                 return
-            yield lines
+            yield start, [header, *body]
 
 
 def count(path: Path) -> int:
     return sum(1 for _ in frames(path))
+
+
+def offsets(path: Path, every: int) -> tuple[int, list[int]]:
+    """The number of frames and the byte offsets of frames 0, every, 2·every, …: a chunk starts reading
+    there instead of splitting every earlier frame."""
+    marks, n = [], 0
+    for n, (offset, _) in enumerate(frames(path), start=1):
+        if (n - 1) % every == 0:
+            marks.append(offset)
+    return n, marks
 
 
 def parse(lines: list[bytes]) -> Atoms:
@@ -79,8 +99,12 @@ def parse(lines: list[bytes]) -> Atoms:
     return atoms
 
 
-def read(path: Path, start: int = 0, stop: int | None = None) -> Iterator[tuple[int, Atoms | Exception]]:
-    for index, frame in enumerate(frames(path)):
+def read(
+    path: Path, start: int = 0, stop: int | None = None, offset: int | None = None
+) -> Iterator[tuple[int, Atoms | Exception]]:
+    """Frames ``start <= index < stop``; ``offset``, from `offsets`, is where frame ``start`` begins."""
+    first = 0 if offset is None else start
+    for index, (_, frame) in enumerate(frames(path, offset or 0), start=first):
         if stop is not None and index >= stop:
             return
         if index < start:

@@ -62,7 +62,9 @@ def count(path: Path) -> int:
     return sum(1 for _ in frames(load(path)))
 
 
-def read(path: Path, start: int = 0, stop: int | None = None) -> Iterator[tuple[str, Atoms | Exception]]:
+def read(
+    path: Path, start: int = 0, stop: int | None = None, offset: int | None = None
+) -> Iterator[tuple[str, Atoms | Exception]]:
     for record_id, frame in islice(frames(load(path)), start, stop):
         if isinstance(frame, Exception):
             yield record_id, frame

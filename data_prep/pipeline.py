@@ -22,9 +22,10 @@ from pathlib import Path
 from data_prep import manifest
 from data_prep.config import DataConfig
 from data_prep.readers import detect_format, plan_records, read_records
-from data_prep.shards import sha256, write_shard
+from data_prep.shards import write_shard
 from data_prep.split import split_of
 from data_prep.validate import Record, Rejected, StrictModeError, check
+from matris.io import file_sha256
 
 
 @dataclass(frozen=True)
@@ -88,7 +89,7 @@ def _reusable(chunk: Chunk, config: DataConfig, out_dir: Path) -> ChunkResult | 
         return None
     for entry in summary["shards"]:
         path = Path(out_dir) / entry["file"]
-        if not path.exists() or sha256(path) != entry["sha256"]:
+        if not path.exists() or file_sha256(path) != entry["sha256"]:
             return None
     return ChunkResult(
         chunk,
@@ -202,6 +203,6 @@ def is_complete(out_dir: Path) -> bool:
         return False
     for entry in data.get("shards", []):
         shard = Path(out_dir) / entry["file"]
-        if not shard.exists() or sha256(shard) != entry["sha256"]:
+        if not shard.exists() or file_sha256(shard) != entry["sha256"]:
             return False
     return "shards" in data

@@ -31,7 +31,6 @@ the data. Rebuilding measured 9.1 ms per structure on CPU in 512-atom batches un
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from collections.abc import Sequence
@@ -41,17 +40,10 @@ import h5py
 import numpy as np
 
 from data_prep.validate import Record
+from matris.io import file_sha256
 
 SCHEMA_VERSION = 1
 CHUNK_ROWS = {"structure": 1024, "atom": 4096, "edge": 16384}
-
-
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _put(f: h5py.File, name: str, data: np.ndarray, kind: str) -> None:
@@ -114,7 +106,7 @@ def write_shard(path: Path, records: Sequence[Record], split: str, source: str, 
         "n_structures": len(records),
         "n_atoms": int(n_atoms.sum()),
         "n_edges": int(n_edges.sum()),
-        "sha256": sha256(path),
+        "sha256": file_sha256(path),
     }
 
 

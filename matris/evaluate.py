@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import hashlib
 import json
 import os
 import sys
@@ -45,7 +44,7 @@ from ase.units import GPa
 from matris.batch import collate
 from matris.calculator import MatRISCalculator
 from matris.graph import StructureGraph
-from matris.io import load
+from matris.io import file_sha256, load
 from matris.md import describe as describe_md
 from matris.md import run_nve
 from matris.model import MatRIS
@@ -392,14 +391,6 @@ def _lap(clock: dict[str, float]) -> float:
     now = time.perf_counter()
     elapsed, clock["start"] = now - clock["start"], now
     return round(elapsed, 2)
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def evaluated_model(metrics_path: Path) -> str | None:

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import hashlib
 import json
 import os
 import re
@@ -35,7 +34,7 @@ import torch
 import torch.distributed.checkpoint as dcp
 
 from matris.config import ModelConfig
-from matris.io import load, metadata, read_header, save
+from matris.io import file_sha256, load, metadata, read_header, save
 from matris.model import MatRIS
 from matris.prune import parse_elements, prune_elements
 
@@ -86,7 +85,7 @@ def export_checkpoint(
         "trained_world_size": train_state.get("world_size"),
         "seed": train_state.get("seed"),
         "data_manifest": str(manifest) if manifest else None,
-        "data_manifest_sha256": _sha256(manifest) if manifest else None,
+        "data_manifest_sha256": file_sha256(manifest) if manifest else None,
         "elements": _elements(model, manifest),
         "git_commit": _git_commit(),
         "exported_at": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
@@ -171,10 +170,6 @@ def _elements(model: MatRIS, manifest: Path | None) -> list[int]:
         if counts:
             return sorted(int(z) for z in counts)
     return torch.nonzero(model.reference_energy.abs().sum(0)).flatten().tolist()
-
-
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def _git_commit() -> str | None:

@@ -29,6 +29,12 @@ FORMAT = "matris"
 VERSION = "1"
 
 
+def file_sha256(path: Path) -> str:
+    """sha256 of a file, read in blocks (shards, checkpoints and manifests can be large)."""
+    with open(path, "rb") as fh:
+        return hashlib.file_digest(fh, "sha256").hexdigest()
+
+
 def _digest(tensors: dict[str, torch.Tensor]) -> str:
     sha = hashlib.sha256()
     for name in sorted(tensors):

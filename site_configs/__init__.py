@@ -10,6 +10,9 @@ A site module ``site_configs/<name>.py`` (``-`` in the name becomes ``_``) defin
   ``train_resources(site, launch) -> dict`` (the training app's ``parsl_resource_specification``) and
   ``describe_submission(site, run_config, paths) -> str`` (the batch scripts, for ``--dry-run``).
 
+A batch site (``scheduler`` slurm or pbs) takes each of these it does not define from `site_configs.batch`,
+the shared Slurm/PBS implementation, so most site modules are their ``DEFAULTS`` and a docstring.
+
 Users override fields through the per-user file (`user_file`) and the run config's ``site.`` keys, never by
 editing the package.
 """
@@ -49,10 +52,21 @@ def available_sites() -> list[str]:
     return sorted(names)
 
 
+SITE_FUNCTIONS = ("parsl_config", "check", "train_command", "train_resources", "describe_submission")
+
+
 def site_module(name: str) -> ModuleType:
+    """The site's module, with `site_configs.batch`'s functions filled in for a batch site."""
     if name not in available_sites():
         raise UnknownSite(f"unknown site {name!r}; available sites: {', '.join(available_sites())}")
-    return importlib.import_module(f"{__name__}.{name.replace('-', '_')}")
+    module = importlib.import_module(f"{__name__}.{name.replace('-', '_')}")
+    if module.DEFAULTS["scheduler"] in ("slurm", "pbs"):
+        from site_configs import batch
+
+        for function in SITE_FUNCTIONS:
+            if not hasattr(module, function):
+                setattr(module, function, getattr(batch, function))
+    return module
 
 
 def user_overrides(name: str, path: Path) -> dict[str, Any]:

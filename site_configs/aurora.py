@@ -14,8 +14,6 @@ the ``debug`` queue (one node, one hour; a task cut off by the walltime is retri
 
 from __future__ import annotations
 
-from site_configs import batch
-
 DEFAULTS = {
     "name": "aurora",
     "scheduler": "pbs",
@@ -40,9 +38,3 @@ DEFAULTS = {
     "stage_workers": 12,
     "retries": 2,
 }
-
-parsl_config = batch.parsl_config
-check = batch.check
-train_command = batch.train_command
-train_resources = batch.train_resources
-describe_submission = batch.describe_submission

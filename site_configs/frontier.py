@@ -13,8 +13,6 @@ Set ``worker_init`` (module loads, environment activation) and ``account`` in yo
 
 from __future__ import annotations
 
-from site_configs import batch
-
 DEFAULTS = {
     "name": "frontier",
     "scheduler": "slurm",
@@ -49,9 +47,3 @@ DEFAULTS = {
     "stage_workers": 8,
     "retries": 2,
 }
-
-parsl_config = batch.parsl_config
-check = batch.check
-train_command = batch.train_command
-train_resources = batch.train_resources
-describe_submission = batch.describe_submission

@@ -39,9 +39,3 @@ DEFAULTS = {
 def parsl_config(site: SiteConfig, run_dir: Path) -> Config:
     # Jobs start at once here: poll every second, not every 5 s, or waiting dominates a test run.
     return batch.parsl_config(site, run_dir, strategy_period=1.0)
-
-
-check = batch.check
-train_command = batch.train_command
-train_resources = batch.train_resources
-describe_submission = batch.describe_submission

@@ -13,8 +13,6 @@ interfaces ``hsn0..3`` (https://lumi-supercomputer.github.io/LUMI-EasyBuild-docs
 
 from __future__ import annotations
 
-from site_configs import batch
-
 DEFAULTS = {
     "name": "lumi",
     "scheduler": "slurm",
@@ -39,9 +37,3 @@ DEFAULTS = {
     "stage_workers": 8,
     "retries": 2,
 }
-
-parsl_config = batch.parsl_config
-check = batch.check
-train_command = batch.train_command
-train_resources = batch.train_resources
-describe_submission = batch.describe_submission

@@ -11,8 +11,6 @@ rank (no ``--gpus-per-task``) so NCCL can use NVLink between them; janus pins ra
 
 from __future__ import annotations
 
-from site_configs import batch
-
 DEFAULTS = {
     "name": "perlmutter",
     "scheduler": "slurm",
@@ -34,9 +32,3 @@ DEFAULTS = {
     "stage_workers": 8,
     "retries": 2,
 }
-
-parsl_config = batch.parsl_config
-check = batch.check
-train_command = batch.train_command
-train_resources = batch.train_resources
-describe_submission = batch.describe_submission

@@ -12,8 +12,6 @@ take one-node jobs.
 
 from __future__ import annotations
 
-from site_configs import batch
-
 DEFAULTS = {
     "name": "polaris",
     "scheduler": "pbs",
@@ -45,9 +43,3 @@ DEFAULTS = {
     "stage_workers": 8,
     "retries": 2,
 }
-
-parsl_config = batch.parsl_config
-check = batch.check
-train_command = batch.train_command
-train_resources = batch.train_resources
-describe_submission = batch.describe_submission

@@ -147,7 +147,8 @@ def export_complete(model_path: Path, train_dir: Path) -> bool:
 
 
 def eval_complete(eval_dir: Path, model_path: Path) -> bool:
-    from matris.evaluate import evaluated_model, file_sha256
+    from matris.evaluate import evaluated_model
+    from matris.io import file_sha256
 
     metrics = eval_dir / "metrics.json"
     return metrics.is_file() and model_path.is_file() and evaluated_model(metrics) == file_sha256(model_path)

@@ -8,6 +8,10 @@ import itertools
 import json
 import os
 import pickle
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import ase.db
@@ -37,7 +41,8 @@ from data_prep.readers import count_records, read_records
 from data_prep.readers import extxyz as extxyz_reader
 from matris.batch import collate
 
-SAMPLE = Path(__file__).resolve().parents[1] / "sample_data"
+ROOT = Path(__file__).resolve().parents[1]
+SAMPLE = ROOT / "sample_data"
 SAMPLE_FILES = sorted(SAMPLE.glob("*.extxyz.gz"))
 
 
@@ -383,6 +388,41 @@ def test_chunks_reused_when_verified_and_redone_when_corrupt(tmp_path):
     assert is_complete(out)
     redo = DataConfig(sources=config.sources, shard_size=60, cutoff=5.0)
     assert not any(write_chunk(c, redo, out).reused for c in chunks[:1])
+
+
+def test_killed_sharding_resumes_without_redoing_verified_shards(tmp_path):
+    """SIGKILL ``python -m data_prep`` after a few chunks; the rerun keeps every shard written before the
+    kill (same bytes, same mtime), redoes the rest and ends with the manifest of an uninterrupted run."""
+    source = tmp_path / "many.extxyz"
+    text = gzip.decompress((SAMPLE / "crystals_pbe.extxyz.gz").read_bytes())
+    source.write_bytes(text * 6)
+    command = [sys.executable, "-m", "data_prep", str(source), "--shard-size", "40"]
+    out = tmp_path / "killed"
+    process = subprocess.Popen([*command, "--out", str(out)], cwd=ROOT, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while len(list((out / "parts").glob("*.json"))) < 3:
+        assert process.poll() is None, "data_prep finished before it could be killed"
+        assert time.monotonic() < deadline
+        time.sleep(0.005)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert not (out / "manifest.json").exists()
+    before = {f.name: f.stat().st_mtime_ns for f in (out / "shards").glob("*.h5")}
+    done = {f.name.removesuffix(".json") for f in (out / "parts").glob("*.json")}
+    assert 3 <= len(done) < 36
+    subprocess.run([*command, "--out", str(out)], cwd=ROOT, check=True, stderr=subprocess.DEVNULL)
+    after = {f.name: f.stat().st_mtime_ns for f in (out / "shards").glob("*.h5")}
+    kept = [name for name in before if name.rsplit("-", 2)[0] in done]
+    assert kept and all(after[name] == before[name] for name in kept)
+    assert not list(out.rglob("*.tmp"))
+    subprocess.run(
+        [*command, "--out", str(tmp_path / "clean")], cwd=ROOT, check=True, stderr=subprocess.DEVNULL
+    )
+    resumed, clean = (json.loads((d / "manifest.json").read_text()) for d in (out, tmp_path / "clean"))
+    assert (
+        resumed["shards"] == clean["shards"] and resumed["n_structures"] == clean["n_structures"] == 6 * 240
+    )
+    assert is_complete(out)
 
 
 def test_dataset_items_collate(sample_dir):

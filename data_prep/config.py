@@ -80,5 +80,7 @@ class DataConfig(BaseModel):
 
     def fingerprint(self) -> str:
         """Hash of every setting that changes a chunk's output except the source list, for reuse checks."""
-        settings = self.model_dump(mode="json", exclude={"sources"})
+        from data_prep.shards import SCHEMA_VERSION  # shards imports this module
+
+        settings = {**self.model_dump(mode="json", exclude={"sources"}), "schema_version": SCHEMA_VERSION}
         return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]

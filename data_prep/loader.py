@@ -1,6 +1,7 @@
 """Training-side access to the shards: a map-style dataset of graphs and a layout-independent batch plan.
 
-The global batch of each step depends only on the data, the seed, the epoch and the atom/edge budget;
+The global batch of each step depends only on the data, the seed, the epoch and the atom/edge/triplet
+budgets;
 ``split_for_ranks`` then divides it among however many ranks there are, so every parallel layout sees the
 same global batch.
 """
@@ -31,17 +32,20 @@ class GraphDataset:
         self.tasks: list[str] = self.manifest["tasks"]
         entries = [e for e in self.manifest["shards"] if split is None or e["split"] == split]
         self.files = [self.data_dir / e["file"] for e in entries]
-        self._atom_offsets, self._edge_offsets, self._task_maps = [], [], []
+        self._atom_offsets, self._edge_offsets, self._task_maps, triplets = [], [], [], []
         for path in self.files:
-            atom_offset, edge_offset, local_tasks = shards.read_index(path)
+            atom_offset, edge_offset, n_triplets, local_tasks = shards.read_index(path)
             self._atom_offsets.append(atom_offset)
             self._edge_offsets.append(edge_offset)
+            triplets.append(n_triplets)
             self._task_maps.append(np.array([self.tasks.index(t) for t in local_tasks], dtype=np.int64))
         counts = [len(a) - 1 for a in self._atom_offsets]
         self._starts = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
         n_atoms = [np.diff(a) for a in self._atom_offsets] or [np.zeros(0, np.int64)]
         n_edges = [np.diff(e) for e in self._edge_offsets] or [np.zeros(0, np.int64)]
-        self.sizes = np.stack([np.concatenate(n_atoms), np.concatenate(n_edges)], axis=1).astype(np.int64)
+        n_triplets = triplets or [np.zeros(0, np.int64)]
+        sizes = [np.concatenate(x) for x in (n_atoms, n_edges, n_triplets)]
+        self.sizes = np.stack(sizes, axis=1).astype(np.int64)  # (structures, 3): atoms, edges, triplets
         self._handles: dict[int, dict[str, h5py.Dataset]] = {}
         self._pid = os.getpid()
 
@@ -84,10 +88,11 @@ class GraphDataset:
 
 
 class BatchPlan:
-    """Global batches per epoch: a seeded shuffle packed greedily under an atom (and edge) budget.
+    """Global batches per epoch: a seeded shuffle packed greedily under atom, edge and triplet budgets.
 
-    Consecutive structures join the open batch until the next would overflow a budget; a structure larger
-    than the budget gets a batch of its own, so two big structures never share one.
+    ``sizes`` has a row per structure: atoms, edges and, for a triplet budget, triplets (as in
+    `GraphDataset.sizes`). Consecutive structures join the open batch until the next would overflow a
+    budget; a structure larger than a budget gets a batch of its own, so two big structures never share one.
     """
 
     def __init__(
@@ -97,12 +102,17 @@ class BatchPlan:
         max_edges: int | None = None,
         seed: int = 0,
         shuffle: bool = True,
+        max_triplets: int | None = None,
     ):
-        self.sizes = np.asarray(sizes, dtype=np.int64).reshape(-1, 2)
-        if max_atoms < 1 or (max_edges is not None and max_edges < 1):
+        self.sizes = np.atleast_2d(np.asarray(sizes, dtype=np.int64))
+        if max_atoms < 1 or any(b is not None and b < 1 for b in (max_edges, max_triplets)):
             raise ValueError("batch budgets must be positive")
-        self.max_atoms = max_atoms
-        self.max_edges = max_edges
+        if max_triplets is not None and (self.sizes.ndim != 2 or self.sizes.shape[1] < 3):
+            raise ValueError("a triplet budget needs sizes with a triplet column (atoms, edges, triplets)")
+        unlimited = np.iinfo(np.int64).max
+        self.budget = np.array([max_atoms, max_edges or unlimited, max_triplets or unlimited])[
+            : self.sizes.shape[1]
+        ]
         self.seed = seed
         self.shuffle = shuffle
         self._cache: tuple[int, list[list[int]]] | None = None
@@ -113,15 +123,15 @@ class BatchPlan:
             return self._cache[1]
         n = len(self.sizes)
         order = np.random.default_rng([self.seed, epoch]).permutation(n) if self.shuffle else np.arange(n)
-        max_edges = self.max_edges if self.max_edges is not None else np.iinfo(np.int64).max
-        batches, current, atoms, edges = [], [], 0, 0
+        budget = self.budget.tolist()
+        batches, current, load = [], [], [0] * len(budget)
         for i in order.tolist():
-            a, e = int(self.sizes[i, 0]), int(self.sizes[i, 1])
-            if current and (atoms + a > self.max_atoms or edges + e > max_edges):
+            size = self.sizes[i].tolist()
+            if current and any(l + s > b for l, s, b in zip(load, size, budget, strict=True)):
                 batches.append(current)
-                current, atoms, edges = [], 0, 0
+                current, load = [], [0] * len(budget)
             current.append(i)
-            atoms, edges = atoms + a, edges + e
+            load = [l + s for l, s in zip(load, size, strict=True)]
         if current:
             batches.append(current)
         self._cache = (epoch, batches)
@@ -154,7 +164,7 @@ def split_for_ranks(indices: list[int], sizes: np.ndarray, n_parts: int) -> list
     """
     if n_parts < 1:
         raise ValueError(f"n_parts must be >= 1, got {n_parts}")
-    sizes = np.asarray(sizes, dtype=np.int64).reshape(-1, 2)
+    sizes = np.atleast_2d(np.asarray(sizes, dtype=np.int64))
     position = {idx: k for k, idx in enumerate(indices)}
     by_size = sorted(indices, key=lambda i: (-int(sizes[i, 1]), -int(sizes[i, 0]), position[i]))
     load = [(0, 0, p) for p in range(n_parts)]  # (edges, structures, part) for each part

@@ -1,6 +1,6 @@
 """HDF5 shards: many structures per file, ragged arrays concatenated and indexed by offsets.
 
-Schema version 1 (file attributes: ``schema_version``, ``split`` ("train"/"val"), ``source`` (input path),
+Schema version 2 (file attributes: ``schema_version``, ``split`` ("train"/"val"), ``source`` (input path),
 ``index_type`` ("int"/"str"), ``tasks`` (JSON list of the task names used in this shard), ``cutoff``,
 ``n_structures``, ``n_atoms``, ``n_edges``). Datasets, for ``n`` structures, ``N`` atoms, ``E`` edges:
 
@@ -13,16 +13,19 @@ Schema version 1 (file attributes: ``schema_version``, ``split`` ("train"/"val")
     has_stress (n,) bool, has_magmoms (n,) bool (absent labels are stored as zeros),
     task (n,) int32 index into the shard's ``tasks`` attribute (the manifest's global task list is only
     known after all chunks finish, so readers map local to global indices), charge (n,) f8,
-    spin (n,) f8 multiplicity, record_id (n,) str: the record's id in ``source``.
+    spin (n,) f8 multiplicity, record_id (n,) str: the record's id in ``source``, n_triplets (n,) int64:
+    line-graph triplets at the data's ``three_body_cutoff`` (the loader's triplet budget; new in version 2).
 
-Arrays are chunked along the first axis, byte-shuffled and lzf-compressed (fast to decompress for random
-reads; on data/crystals_pbe the shuffle filter cut shards from 9.0 to 7.1 kB per structure and write time
-by 30 %).
+Arrays are chunked along the first axis, byte-shuffled and deflated at level 1. Not lzf: liblzf leaves its
+hash table uninitialised, so the same records gave different bytes (and sha256) from one write to the next,
+and a redone shard could not be told from a changed one. On the bundled sample, deflate-1 wrote as fast as
+lzf, read records back as fast (2,100 random structures/s) and made shards 29 % smaller (5.7 vs 8.1 kB per
+structure); the shuffle filter cut lzf shards on data/crystals_pbe from 9.0 to 7.1 kB per structure.
 
 Stored vs rebuilt: shards hold the 6 Å two-body graph (edges + integer cell shifts); the 4 Å line graph
 (triplets of bonds sharing a centre) is rebuilt per batch by ``matris.model.line_graph`` on the device that
 runs the model. Measured by ``benchmarks/bench_data_prep.py`` on data/crystals_pbe (2 shared cores): 5,304
-triplets per structure would add 11.2 kB per structure (int32 pairs, lzf + shuffle) to today's 7.5 kB, i.e.
+triplets per structure would add 11.2 kB per structure (int32 pairs, lzf + shuffle) to the 7.5 kB then, i.e.
 2.5x the shard bytes and the read/decompress time, and would freeze the model's ``three_body_cutoff`` into
 the data. Rebuilding measured 9.1 ms per structure on CPU in 512-atom batches under a load average of 6.7
 (0.2 µs per triplet on an idle core: ~1 ms), on the GPU less, against CPU training steps of 0.1 s (tiny) and
@@ -42,7 +45,7 @@ import numpy as np
 from data_prep.validate import Record
 from matris.io import file_sha256
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 CHUNK_ROWS = {"structure": 1024, "atom": 4096, "edge": 16384}
 
 
@@ -52,7 +55,15 @@ def _put(f: h5py.File, name: str, data: np.ndarray, kind: str) -> None:
         f.create_dataset(name, data=data, track_times=False)
         return
     chunks = (min(len(data), CHUNK_ROWS[kind]), *data.shape[1:])
-    f.create_dataset(name, data=data, chunks=chunks, compression="lzf", shuffle=True, track_times=False)
+    f.create_dataset(
+        name,
+        data=data,
+        chunks=chunks,
+        compression="gzip",
+        compression_opts=1,
+        shuffle=True,
+        track_times=False,
+    )
 
 
 def write_shard(path: Path, records: Sequence[Record], split: str, source: str, cutoff: float) -> dict:
@@ -99,6 +110,7 @@ def write_shard(path: Path, records: Sequence[Record], split: str, source: str, 
         _put(f, "spin", np.array([r.spin for r in records]), "structure")
         ids = np.array([str(r.index) for r in records], dtype=h5py.string_dtype())
         _put(f, "record_id", ids, "structure")
+        _put(f, "n_triplets", np.array([r.n_triplets for r in records], dtype=np.int64), "structure")
     os.replace(tmp, path)
     return {
         "file": path.name,
@@ -110,17 +122,21 @@ def write_shard(path: Path, records: Sequence[Record], split: str, source: str, 
     }
 
 
-def read_index(path: Path) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """Atom offsets, edge offsets and local task names: all a loader needs before reading records."""
+def read_index(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[str]]:
+    """Atom offsets, edge offsets, triplet counts and local task names: all a loader needs before reading
+    records."""
     with h5py.File(path, "r") as f:
         check_schema(f)
-        return f["atom_offset"][:], f["edge_offset"][:], json.loads(f.attrs["tasks"])
+        return f["atom_offset"][:], f["edge_offset"][:], f["n_triplets"][:], json.loads(f.attrs["tasks"])
 
 
 def check_schema(f: h5py.File) -> None:
     version = int(f.attrs.get("schema_version", -1))
     if version != SCHEMA_VERSION:
-        raise ValueError(f"{f.filename}: shard schema version {version}, this code reads {SCHEMA_VERSION}")
+        raise ValueError(
+            f"{f.filename}: shard schema version {version}, this code reads {SCHEMA_VERSION}; "
+            "rerun data preparation (python -m data_prep, or the pipeline's data stage) to rewrite it"
+        )
 
 
 def load(path: Path) -> tuple[dict[str, np.ndarray], dict]:

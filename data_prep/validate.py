@@ -58,6 +58,7 @@ class Record:
     spin: float
     edge_index: np.ndarray  # (2, e), local atom indices
     edge_shift: np.ndarray  # (e, 3)
+    n_triplets: int  # line-graph size at the three-body cutoff, for the loader's batch budget
 
 
 def default_task(source: str | Path, config: DataConfig) -> str:
@@ -154,4 +155,12 @@ def check(atoms: Atoms, source: str, index: int | str, config: DataConfig) -> Re
         spin=spin,
         edge_index=edge_index,
         edge_shift=edge_shift,
+        n_triplets=count_triplets(edge_index[0], distance, n, config.three_body_cutoff),
     )
+
+
+def count_triplets(centre: np.ndarray, distance: np.ndarray, n_atoms: int, cutoff: float) -> int:
+    """Ordered pairs of distinct bonds shorter than ``cutoff`` sharing a centre: Σ_i k_i (k_i - 1), the
+    size of the line graph the model builds (`matris.model.line_graph`)."""
+    k = np.bincount(centre[distance < cutoff], minlength=n_atoms)
+    return int((k * (k - 1)).sum())

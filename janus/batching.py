@@ -78,7 +78,7 @@ def assign(global_batch: list[int], sizes: np.ndarray, where: Coordinates) -> Ra
 def choose_partitioned(indices: list[int], sizes: np.ndarray, parts: int) -> tuple[list[int], list[int]]:
     """Split ``indices`` into (partitioned, whole): the heaviest structure (by edges) is partitioned while
     it carries more than an even share of the remaining edges. Both lists keep the order of ``indices``."""
-    sizes = np.asarray(sizes).reshape(-1, 2)
+    sizes = np.atleast_2d(np.asarray(sizes))
     remaining = sorted(indices, key=lambda i: (-int(sizes[i, 1]), -int(sizes[i, 0]), indices.index(i)))
     total = sum(int(sizes[i, 1]) for i in remaining)
     cut = set()

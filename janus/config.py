@@ -60,6 +60,9 @@ class TrainConfig(Strict):
     ema_decay: float | None = Field(None, gt=0, lt=1)
     max_atoms_per_batch: int = Field(512, ge=1, description="global batch budget, split over ranks")
     max_edges_per_batch: int | None = Field(None, ge=1)
+    max_triplets_per_batch: int | None = Field(
+        None, ge=1, description="line-graph triplets per global batch (dense cells have ~250 per atom)"
+    )
     checkpoint_every: int = Field(25, ge=1)
     keep_checkpoints: int = Field(2, ge=1)
     dtype: Literal["float32", "float64"] = "float32"

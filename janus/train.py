@@ -147,6 +147,7 @@ class Trainer:
             max_atoms=cfg.train.max_atoms_per_batch,
             max_edges=cfg.train.max_edges_per_batch,
             seed=cfg.train.seed,
+            max_triplets=cfg.train.max_triplets_per_batch,
         )
         self.ckpt_root = cfg.out_dir / "checkpoints"
         self.start = 0

@@ -18,6 +18,7 @@ import ase.db
 import ase.io
 import numpy as np
 import pytest
+import torch
 from ase import Atoms, units
 from ase.calculators.singlepoint import SinglePointCalculator
 from ase.neighborlist import neighbor_list
@@ -40,6 +41,7 @@ from data_prep.__main__ import main as cli
 from data_prep.readers import count_records, read_records
 from data_prep.readers import extxyz as extxyz_reader
 from matris.batch import collate
+from matris.model import line_graph
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = ROOT / "sample_data"
@@ -431,7 +433,14 @@ def test_dataset_items_collate(sample_dir):
     assert len(dataset) == manifest["n_train"] == len(dataset.sizes)
     items = [dataset[i] for i in range(0, len(dataset), 25)]
     for i, item in zip(range(0, len(dataset), 25), items, strict=True):
-        assert tuple(dataset.sizes[i]) == (item.n_atoms, item.n_edges)
+        edge_index = torch.from_numpy(item.edge_index)
+        vectors = (
+            item.positions[item.edge_index[1]]
+            + item.edge_shift @ item.cell
+            - item.positions[item.edge_index[0]]
+        )
+        triplets = line_graph(edge_index, torch.from_numpy(np.linalg.norm(vectors, axis=1)), 4.0)[0]
+        assert tuple(dataset.sizes[i]) == (item.n_atoms, item.n_edges, len(triplets))
     batch = collate(items)
     assert batch.num_structures == len(items)
     assert batch.num_atoms == sum(s.n_atoms for s in items)
@@ -463,6 +472,12 @@ def test_batch_plan_deterministic_within_budget_and_resumable():
         assert plan.locate(step) == flat[step]
     ordered = BatchPlan(sizes, 256, None, seed=0, shuffle=False).batches(4)
     assert [i for b in ordered for i in b] == list(range(500))
+    with_triplets = np.concatenate([sizes, rng.integers(0, 40000, (500, 1))], axis=1)
+    capped = BatchPlan(with_triplets, 256, 12000, seed=11, max_triplets=60000).batches(0)
+    assert len(capped) > len(epoch0) and sorted(i for b in capped for i in b) == list(range(500))
+    assert all(with_triplets[b, 2].sum() <= 60000 for b in capped if len(b) > 1)
+    with pytest.raises(ValueError, match="triplet column"):
+        BatchPlan(sizes, 256, max_triplets=1000)
 
 
 def test_split_for_ranks_partitions_exactly():

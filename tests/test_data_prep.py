@@ -41,6 +41,7 @@ from data_prep.__main__ import main as cli
 from data_prep.readers import count_records, read_records
 from data_prep.readers import extxyz as extxyz_reader
 from matris.batch import collate
+from matris.graph import neighbor_graph
 from matris.model import line_graph
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -363,6 +364,32 @@ def test_neighbour_graphs_match_ase(sample_dir):
         assert edge_set(graph.edge_index[0], graph.edge_index[1], graph.edge_shift) == expected
         kinds.add(bool(graph.pbc.all()))
     assert kinds == {True, False}  # periodic crystals and open molecules both checked
+
+
+def test_partly_periodic_graphs_match_ase():
+    """Slabs and wires: periodic images only along periodic directions, with a real or a zero cell vector
+    in the open ones, and an open direction much longer than the cutoff."""
+    from ase.build import bulk, fcc111
+
+    slab = fcc111("Cu", size=(2, 2, 3), vacuum=5.0)  # pbc T T F, cell with a vacuum gap
+    wire = bulk("Al", "fcc", a=4.05, cubic=True).repeat((3, 1, 1))
+    wire.pbc = (True, False, False)
+    wire.cell[1:] = 0.0  # open directions without cell vectors
+    rng = np.random.default_rng(0)
+    wire.positions += rng.normal(0, 0.05, wire.positions.shape)
+    long_open = slab.copy()
+    long_open.cell[2] = [0.0, 0.0, 80.0]
+    for atoms in (slab, wire, long_open):
+        graph = neighbor_graph(atoms.positions, atoms.cell.array, atoms.pbc, 6.0)
+        reference = atoms.copy()
+        if not reference.pbc.all():  # ASE needs a non-singular cell: give open directions a long vector
+            for axis in np.flatnonzero(~reference.pbc):
+                if not reference.cell[axis].any():
+                    reference.cell[axis] = np.eye(3)[axis] * 100.0
+        expected = neighbor_list("ijSd", reference, 6.0)
+        assert edge_set(*graph.edge_index, graph.edge_shift) == edge_set(*expected[:3])
+        assert not graph.edge_shift[:, ~atoms.pbc].any()
+        assert np.allclose(np.sort(graph.distance), np.sort(expected[3]))
 
 
 def test_chunks_reused_when_verified_and_redone_when_corrupt(tmp_path):

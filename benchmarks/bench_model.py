@@ -2,7 +2,8 @@
 and CHGNet, on one batch of crystals.
 
     python benchmarks/bench_model.py [--input FILE] [--structures 32] [--pub-structures 4] [--steps 3]
-                                     [--threads N] [--peers-python PATH] [--only NAME ...] [--json PATH]
+                                     [--threads N] [--device cpu|cuda] [--peers-python PATH]
+                                     [--only NAME ...] [--json PATH]
 
 The batch is the first ``--structures`` structures of ``--input`` with at least 12 Å³ per atom. Every model
 runs in a fresh subprocess, one after the other, so ``ru_maxrss`` is that model's peak and no two models

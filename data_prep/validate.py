@@ -17,7 +17,7 @@ from ase import Atoms
 from ase.stress import voigt_6_to_full_3x3_stress
 
 from data_prep.config import DataConfig
-from matris.graph import neighbor_graph
+from matris.graph import count_triplets, neighbor_graph
 
 
 class Rejected(Exception):
@@ -157,10 +157,3 @@ def check(atoms: Atoms, source: str, index: int | str, config: DataConfig) -> Re
         edge_shift=edge_shift,
         n_triplets=count_triplets(edge_index[0], distance, n, config.three_body_cutoff),
     )
-
-
-def count_triplets(centre: np.ndarray, distance: np.ndarray, n_atoms: int, cutoff: float) -> int:
-    """Ordered pairs of distinct bonds shorter than ``cutoff`` sharing a centre: Σ_i k_i (k_i - 1), the
-    size of the line graph the model builds (`matris.model.line_graph`)."""
-    k = np.bincount(centre[distance < cutoff], minlength=n_atoms)
-    return int((k * (k - 1)).sum())

@@ -22,6 +22,7 @@ from torch.utils.flop_counter import flop_registry
 
 from matris.config import ModelConfig
 from matris.graph import StructureGraph
+from matris.graph import count_triplets as graph_triplets
 
 # training step / forward matmul FLOPs measured with matris.flops.model_flops (tiny and matris-6l: 5.98)
 STEP_OVER_FORWARD = 6.0
@@ -99,12 +100,10 @@ class FlopMeter:
 
 
 def count_triplets(graph: StructureGraph, cutoff: float) -> int:
-    """Ordered pairs of distinct bonds shorter than ``cutoff`` sharing a centre (the model's line graph)."""
+    """The model's line-graph size for ``graph`` (`matris.graph.count_triplets` on its bond lengths)."""
     centre, neighbour = graph.edge_index
     vector = graph.positions[neighbour] + graph.edge_shift @ graph.cell - graph.positions[centre]
-    short = np.linalg.norm(vector, axis=1) < cutoff
-    degree = np.bincount(centre[short], minlength=graph.n_atoms)
-    return int((degree * (degree - 1)).sum())
+    return graph_triplets(centre, np.linalg.norm(vector, axis=1), graph.n_atoms, cutoff)
 
 
 def peak_flops(device: torch.device, dtype: torch.dtype = torch.float32) -> float:

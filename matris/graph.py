@@ -86,6 +86,13 @@ def neighbor_graph(positions: np.ndarray, cell: np.ndarray, pbc: np.ndarray, cut
     return Neighbours(pairs.T.astype(np.int64), shifts.astype(np.int32), distances.astype(np.float64))
 
 
+def count_triplets(centre: np.ndarray, distance: np.ndarray, n_atoms: int, cutoff: float) -> int:
+    """Ordered pairs of distinct bonds shorter than ``cutoff`` sharing a centre: Σ_i k_i (k_i - 1), the
+    size of the line graph the model builds (`matris.model.line_graph`)."""
+    degree = np.bincount(centre[distance < cutoff], minlength=n_atoms)
+    return int((degree * (degree - 1)).sum())
+
+
 def _box_for_open_directions(
     positions: np.ndarray, cell: np.ndarray, pbc: np.ndarray, cutoff: float
 ) -> np.ndarray:

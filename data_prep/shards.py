@@ -18,9 +18,10 @@ Schema version 2 (file attributes: ``schema_version``, ``split`` ("train"/"val")
 
 Arrays are chunked along the first axis, byte-shuffled and deflated at level 1. Not lzf: liblzf leaves its
 hash table uninitialised, so the same records gave different bytes (and sha256) from one write to the next,
-and a redone shard could not be told from a changed one. On the bundled sample, deflate-1 wrote as fast as
-lzf, read records back as fast (2,100 random structures/s) and made shards 29 % smaller (5.7 vs 8.1 kB per
-structure); the shuffle filter cut lzf shards on data/crystals_pbe from 9.0 to 7.1 kB per structure.
+and a redone shard could not be told from a changed one. ``benchmarks/bench_data_prep.py`` on
+data/crystals_pbe: 4.9 kB per structure against lzf's 7.5, at the same end-to-end rate; a one-off timing
+of random ``GraphDataset`` reads on the bundled sample gave 2,100 structures/s for both codecs. The
+shuffle filter had cut lzf shards on data/crystals_pbe from 9.0 to 7.1 kB per structure.
 
 Stored vs rebuilt: shards hold the 6 Å two-body graph (edges + integer cell shifts); the 4 Å line graph
 (triplets of bonds sharing a centre) is rebuilt per batch by ``matris.model.line_graph`` on the device that

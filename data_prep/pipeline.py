@@ -156,7 +156,7 @@ def write_chunk(chunk: Chunk, config: DataConfig, out_dir: Path) -> ChunkResult:
         "n_rejected": len(rejected),
         "stats": stats,
     }
-    manifest.write_json(summary_path, summary, indent=None)  # machine-read; indenting costs 4 % of a chunk
+    manifest.write_json(summary_path, summary, indent=None)  # read by finalize only: no indentation
     return ChunkResult(chunk, shards, n_structures, len(rejected), json.loads(json.dumps(stats)))
 
 

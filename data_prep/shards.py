@@ -1,14 +1,14 @@
 """HDF5 shards: many structures per file, ragged arrays concatenated and indexed by offsets.
 
-Schema version 2 (file attributes: ``schema_version``, ``split`` ("train"/"val"), ``source`` (input path),
+Schema version 3 (file attributes: ``schema_version``, ``split`` ("train"/"val"), ``source`` (input path),
 ``index_type`` ("int"/"str"), ``tasks`` (JSON list of the task names used in this shard), ``cutoff``,
 ``n_structures``, ``n_atoms``, ``n_edges``). Datasets, for ``n`` structures, ``N`` atoms, ``E`` edges:
 
     atom_offset (n+1,) int64     structure k owns atoms atom_offset[k]:atom_offset[k+1]
     edge_offset (n+1,) int64     and edges edge_offset[k]:edge_offset[k+1]
     numbers (N,) uint8, positions (N, 3) f8 Å, forces (N, 3) f8 eV/Å, magmoms (N,) f8 μB
-    edge_index (E, 2) int32      centre i, neighbour j, local to the structure
-    edge_shift (E, 3) int32      cell shift of j: bond = pos[j] + shift @ cell - pos[i]
+    edge_index (E, 2) uint       centre i, neighbour j, local to the structure
+    edge_shift (E, 3) int        cell shift of j: bond = pos[j] + shift @ cell - pos[i]
     cell (n, 3, 3) f8, pbc (n, 3) bool, energy (n,) f8 eV, stress (n, 3, 3) f8 eV/Å³ (ASE sign),
     has_stress (n,) bool, has_magmoms (n,) bool (absent labels are stored as zeros),
     task (n,) int32 index into the shard's ``tasks`` attribute (the manifest's global task list is only
@@ -16,12 +16,18 @@ Schema version 2 (file attributes: ``schema_version``, ``split`` ("train"/"val")
     spin (n,) f8 multiplicity, record_id (n,) str: the record's id in ``source``, n_triplets (n,) int64:
     line-graph triplets at the data's ``three_body_cutoff`` (the loader's triplet budget; new in version 2).
 
+The edge arrays take the narrowest integer type that holds the shard's values (uint8/16/32 indices, int8/16/32
+shifts; new in version 3, when they were int32): they were ~95% of a crystal shard's raw bytes, and deflate's
+time goes with the bytes it reads. On data/crystals_pbe this cut a crystal's shard write from 0.18 to 0.11 ms
+(one-off timing of ``write_shard``) and its bytes from 4.9 to 3.3 kB (``benchmarks/bench_data_prep.py``).
+Readers cast them to int64.
+
 Arrays are chunked along the first axis, byte-shuffled and deflated at level 1. Not lzf: liblzf leaves its
 hash table uninitialised, so the same records gave different bytes (and sha256) from one write to the next,
 and a redone shard could not be told from a changed one. ``benchmarks/bench_data_prep.py`` on
-data/crystals_pbe: 4.9 kB per structure against lzf's 7.5, at the same end-to-end rate; a one-off timing
-of random ``GraphDataset`` reads on the bundled sample gave 2,100 structures/s for both codecs. The
-shuffle filter had cut lzf shards on data/crystals_pbe from 9.0 to 7.1 kB per structure.
+data/crystals_pbe (int32 edges, version 2): 4.9 kB per structure against lzf's 7.5, at the same end-to-end
+rate; a one-off timing of random ``GraphDataset`` reads on the bundled sample gave 2,100 structures/s for
+both codecs. The shuffle filter had cut lzf shards on data/crystals_pbe from 9.0 to 7.1 kB per structure.
 
 Stored vs rebuilt: shards hold the 6 Å two-body graph (edges + integer cell shifts); the 4 Å line graph
 (triplets of bonds sharing a centre) is rebuilt per batch by ``matris.model.line_graph`` on the device that
@@ -46,8 +52,15 @@ import numpy as np
 from data_prep.validate import Record
 from matris.io import file_sha256
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 CHUNK_ROWS = {"structure": 1024, "atom": 4096, "edge": 16384}
+
+
+def _narrowest(values: np.ndarray, types: tuple[type, ...]) -> np.ndarray:
+    """``values`` as the first of ``types`` that holds them all."""
+    low, high = (int(values.min()), int(values.max())) if values.size else (0, 0)
+    kind = next(t for t in types if np.iinfo(t).min <= low and high <= np.iinfo(t).max)
+    return values.astype(kind)
 
 
 def _put(f: h5py.File, name: str, data: np.ndarray, kind: str) -> None:
@@ -93,8 +106,10 @@ def write_shard(path: Path, records: Sequence[Record], split: str, source: str, 
         _put(f, "forces", np.concatenate([r.forces for r in records]), "atom")
         magmoms = [r.magmoms if r.magmoms is not None else np.zeros(len(r.numbers)) for r in records]
         _put(f, "magmoms", np.concatenate(magmoms), "atom")
-        _put(f, "edge_index", np.concatenate([r.edge_index.T for r in records]).astype(np.int32), "edge")
-        _put(f, "edge_shift", np.concatenate([r.edge_shift for r in records]).astype(np.int32), "edge")
+        edge_index = np.concatenate([r.edge_index.T for r in records])
+        _put(f, "edge_index", _narrowest(edge_index, (np.uint8, np.uint16, np.uint32)), "edge")
+        edge_shift = np.concatenate([r.edge_shift for r in records])
+        _put(f, "edge_shift", _narrowest(edge_shift, (np.int8, np.int16, np.int32)), "edge")
         _put(f, "cell", np.stack([r.cell for r in records]), "structure")
         _put(f, "pbc", np.stack([r.pbc for r in records]), "structure")
         _put(f, "energy", np.array([r.energy for r in records]), "structure")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 from pathlib import Path
 
 
@@ -11,5 +12,5 @@ def split_of(source: str | Path, index: int | str, val_fraction: float) -> str:
 
     Only the file name enters the hash, so moving the data to another directory keeps the split.
     """
-    digest = hashlib.blake2b(f"{Path(source).name}:{index}".encode(), digest_size=8).digest()
+    digest = hashlib.blake2b(f"{os.path.basename(source)}:{index}".encode(), digest_size=8).digest()
     return "val" if int.from_bytes(digest, "big") / 2.0**64 < val_fraction else "train"

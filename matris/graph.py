@@ -1,4 +1,12 @@
-"""Neighbour graphs for one structure, built with vesin (compiled cell lists, no Python pair loops).
+"""Neighbour graphs for one structure, from compiled cell lists (no Python loops over atom pairs).
+
+Two libraries, each where it is fast. pymatgen's ``find_points_in_spheres`` (Cython) took 0.09-0.18 ms per
+19-atom crystal of the shared data against vesin's 0.3-0.45 ms, and was faster on every dense cell tried,
+up to 19,652 atoms (0.19 s against 0.23 s), with identical edge sets. But it bins the whole bounding box on
+a cutoff-sized grid, so a sparse structure costs it time and memory by volume: 500 atoms spread over 2,000 Å
+took 13 s, against vesin's 11 ms. Structures whose grid would hold more than ``MAX_BINS_PER_ATOM`` bins per
+atom (plus ``FREE_BINS``) go to vesin. (One-off timing scripts; ``benchmarks/bench_data_prep.py`` shows the
+end-to-end effect.)
 
 Shared by data preparation (graphs stored in HDF5 shards) and by the ASE calculator, so training and
 inference see the same edges. Only the two-body graph is built here; the three-body line graph is derived
@@ -13,7 +21,11 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 import numpy as np
+from pymatgen.optimization.neighbors import find_points_in_spheres
 from vesin import NeighborList
+
+MAX_BINS_PER_ATOM = 64
+FREE_BINS = 4096
 
 
 @dataclass(frozen=True)
@@ -55,9 +67,10 @@ class Neighbours(NamedTuple):
 
 
 _thread = threading.local()
+_CORNERS = np.array([[i, j, k] for i in (0, 1) for j in (0, 1) for k in (0, 1)], dtype=np.float64)
 
 
-def _neighbor_list(cutoff: float) -> NeighborList:
+def _vesin_list(cutoff: float) -> NeighborList:
     """One vesin list per thread and cutoff, reused: creating one costs about a third of a crystal's
     search, and a list must not be shared between threads."""
     lists = _thread.__dict__.setdefault("lists", {})
@@ -67,23 +80,46 @@ def _neighbor_list(cutoff: float) -> NeighborList:
 
 
 def neighbor_graph(positions: np.ndarray, cell: np.ndarray, pbc: np.ndarray, cutoff: float) -> Neighbours:
-    """Directed edges, integer cell shifts and lengths of all pairs closer than ``cutoff``.
+    """Directed edges, integer cell shifts and lengths of all pairs closer than ``cutoff``, sorted by centre.
 
     Works for periodic, partly periodic and non-periodic structures; a non-periodic direction with a zero
-    cell vector gets a bounding box large enough that vesin sees no image.
+    cell vector gets a bounding box large enough that no image is searched.
     """
     positions = np.ascontiguousarray(positions, dtype=np.float64)
     cell = np.array(cell, dtype=np.float64).reshape(3, 3)
     pbc = np.asarray(pbc, dtype=bool).reshape(3)
     if len(positions) == 0:
         return Neighbours(np.zeros((2, 0), np.int64), np.zeros((0, 3), np.int32), np.zeros(0))
-    if not pbc.all():
+    dense = _grid_bins(positions, cell, pbc, cutoff) <= MAX_BINS_PER_ATOM * len(positions) + FREE_BINS
+    if pbc.all():
+        if abs(np.linalg.det(cell)) < 1e-8:
+            raise ValueError("cell is singular")
+    elif pbc.any() or not dense:
         cell = _box_for_open_directions(positions, cell, pbc, cutoff)
-    pairs, shifts, distances = _neighbor_list(float(cutoff)).compute(
-        points=positions, box=cell, periodic=pbc, quantities="PSd", copy=False
+    if not dense:
+        pairs, shifts, distances = _vesin_list(float(cutoff)).compute(
+            points=positions, box=cell, periodic=pbc, quantities="PSd", copy=False
+        )
+        # copy=False returns views into the list's buffers: the astype calls copy them before its next use
+        return Neighbours(pairs.T.astype(np.int64), shifts.astype(np.int32), distances.astype(np.float64))
+    search_cell = cell if pbc.any() else np.eye(3)  # no images: any cell serves, and a small one is faster
+    centre, neighbour, shifts, distances = find_points_in_spheres(
+        positions, positions, float(cutoff), pbc.astype(np.int64), search_cell, tol=1e-8
     )
-    # copy=False returns views into the list's buffers: the astype calls copy them before its next use
-    return Neighbours(pairs.T.astype(np.int64), shifts.astype(np.int32), distances.astype(np.float64))
+    pair = (centre != neighbour) | (distances > 1e-8)  # not an atom with itself in its own cell
+    return Neighbours(
+        np.stack([centre[pair], neighbour[pair]]),
+        np.rint(shifts[pair]).astype(np.int32),
+        distances[pair],
+    )
+
+
+def _grid_bins(positions: np.ndarray, cell: np.ndarray, pbc: np.ndarray, cutoff: float) -> float:
+    """Cutoff-sized bins over the atoms and, where periodic, the cell, padded by a cutoff (pymatgen's grid,
+    within a bin per axis)."""
+    points = np.concatenate([positions, _CORNERS @ cell]) if pbc.any() else positions
+    span = points.max(axis=0) - points.min(axis=0) + 2.0 * cutoff
+    return float(np.prod(np.ceil(span / cutoff) + 1.0))
 
 
 def count_triplets(centre: np.ndarray, distance: np.ndarray, n_atoms: int, cutoff: float) -> int:

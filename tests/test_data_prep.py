@@ -200,7 +200,6 @@ def test_aselmdb_round_trip(tmp_path):
 
 
 def test_mptrj_round_trip(tmp_path):
-    pytest.importorskip("pymatgen")
     from pymatgen.io.ase import AseAtomsAdaptor
 
     frames = [a for a in ase.io.read(SAMPLE / "crystals_pbe.extxyz.gz", ":12")]
@@ -232,6 +231,7 @@ def test_mptrj_round_trip(tmp_path):
 
 
 GOOD = 'Properties=species:S:1:pos:R:3:REF_forces:R:3 task=mol REF_energy={e} pbc="F F F"'
+SINGULAR = 'Lattice="3 0 0 3 0 0 0 0 3" ' + GOOD.format(e=-1.0).replace('pbc="F F F"', 'pbc="T T T"')
 BAD_FILE = "".join(
     [
         f"2\n{GOOD.format(e=-1.0)}\nH 0 0 0 0 0 0\nH 0 0 0.74 0 0 0\n",  # 0 good
@@ -240,10 +240,20 @@ BAD_FILE = "".join(
         '2\nProperties=species:S:1:pos:R:3 REF_energy=-1.0 pbc="F F F"\nH 0 0 0\nH 0 0 0.74\n',  # 3 no forces
         f"2\n{GOOD.format(e=-1.0)}\nX 0 0 0 0 0 0\nH 0 0 0.74 0 0 0\n",  # 4 unknown element
         f"3\n{GOOD.format(e=-2.0)}\nO 0 0 0 0 0 0\nH 0 0 0.96 0 0 0\nH 0.93 0 -0.24 0 0 0\n",  # 5 good
-        f"3\n{GOOD.format(e=-2.0)}\nO 0 0 0 0 0 0\nH 0 0 0.96 0 0 0\n",  # 6 truncated
+        f"2\n{SINGULAR}\nH 0 0 0 0 0 0\nH 0 0 0.74 0 0 0\n",  # 6 periodic with a singular cell
+        f"2\n{GOOD.format(e=-1.0)}\nH 0 0 0.5 0 0 0\nH 0 0 0.5 0 0 0\n",  # 7 two atoms at one point
+        f"3\n{GOOD.format(e=-2.0)}\nO 0 0 0 0 0 0\nH 0 0 0.96 0 0 0\n",  # 8 truncated
     ]
 )
-EXPECTED_FIELDS = {1: "energy", 2: "positions", 3: "forces", 4: "numbers", 6: "record"}
+EXPECTED_FIELDS = {
+    1: "energy",
+    2: "positions",
+    3: "forces",
+    4: "numbers",
+    6: "cell",
+    7: "positions",
+    8: "record",
+}
 
 
 def test_quarantine(tmp_path):
@@ -255,7 +265,7 @@ def test_quarantine(tmp_path):
         assert line["source"] == str(tmp_path / "bad.extxyz")
         assert line["reason"].startswith(EXPECTED_FIELDS[line["index"]] + ":")
     assert "truncated" in lines[-1]["reason"]
-    assert manifest["n_rejected"] == 5 and manifest["n_structures"] == 2
+    assert manifest["n_rejected"] == 7 and manifest["n_structures"] == 2
     assert sorted(a.info["index"] for a in iter_atoms(tmp_path / "out")) == [0, 5]
 
 
@@ -346,8 +356,8 @@ def test_cli_writes_contract_outputs(tmp_path):
     path.write_text(BAD_FILE)
     assert cli([str(path), "--out", str(tmp_path / "out"), "--val-fraction", "0"]) == 0
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
-    assert (manifest["n_structures"], manifest["n_rejected"]) == (2, 5)
-    assert len((tmp_path / "out" / "quarantine.jsonl").read_text().splitlines()) == 5
+    assert (manifest["n_structures"], manifest["n_rejected"]) == (2, 7)
+    assert len((tmp_path / "out" / "quarantine.jsonl").read_text().splitlines()) == 7
 
 
 def edge_set(i, j, shifts) -> set:
@@ -390,6 +400,37 @@ def test_partly_periodic_graphs_match_ase():
         assert edge_set(*graph.edge_index, graph.edge_shift) == edge_set(*expected[:3])
         assert not graph.edge_shift[:, ~atoms.pbc].any()
         assert np.allclose(np.sort(graph.distance), np.sort(expected[3]))
+
+
+def test_sparse_and_dense_structures_take_both_searches_and_match_ase():
+    """pymatgen's grid search for dense structures, vesin's for sparse ones (a dense grid over 2,000 Å
+    would take seconds): both give the reference edges, shifts and distances."""
+    from matris.graph import FREE_BINS, MAX_BINS_PER_ATOM, _grid_bins
+
+    rng = np.random.default_rng(1)
+    sparse_open = Atoms("H300", positions=rng.uniform(-1000.0, 1000.0, (300, 3)))
+    sparse_open.positions[1] = sparse_open.positions[0] + [0.0, 0.0, 0.9]  # at least one edge
+    sparse_periodic = Atoms("Ar8", positions=rng.uniform(0.0, 150.0, (8, 3)), cell=[150.0] * 3, pbc=True)
+    dense_periodic = Atoms("Cu4", scaled_positions=rng.uniform(0.0, 1.0, (4, 3)), cell=[3.6] * 3, pbc=True)
+    dense_open = Atoms("C60", positions=rng.uniform(0.0, 8.0, (60, 3)))
+    for atoms, dense in (
+        (sparse_open, False),
+        (sparse_periodic, False),
+        (dense_periodic, True),
+        (dense_open, True),
+    ):
+        bins = _grid_bins(atoms.positions, atoms.cell.array, atoms.pbc, 6.0)
+        assert (bins <= MAX_BINS_PER_ATOM * len(atoms) + FREE_BINS) == dense
+        graph = neighbor_graph(atoms.positions, atoms.cell.array, atoms.pbc, 6.0)
+        if atoms.pbc.any():
+            expected = neighbor_list("ijSd", atoms, 6.0)
+        else:  # every pair, directly: ASE's bins over 2,000 Å would not fit in memory
+            d = np.linalg.norm(atoms.positions[:, None] - atoms.positions[None], axis=-1)
+            i, j = np.nonzero((d < 6.0) & ~np.eye(len(atoms), dtype=bool))
+            expected = (i, j, np.zeros((len(i), 3)), d[i, j])
+        assert edge_set(*graph.edge_index, graph.edge_shift) == edge_set(*expected[:3])
+        assert np.allclose(np.sort(graph.distance), np.sort(expected[3]))
+        assert np.all(np.diff(graph.edge_index[0]) >= 0)  # sorted by centre
 
 
 def test_chunks_reused_when_verified_and_redone_when_corrupt(tmp_path):

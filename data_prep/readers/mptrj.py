@@ -3,7 +3,7 @@
 Each frame becomes one record with id ``"mp_id/frame_id"``. Labels: ``corrected_total_energy`` (eV),
 ``force`` (eV/Å), ``stress`` in kBar with VASP's sign (compressive positive), converted here to eV/Å³ with
 ASE's sign, and ``magmom`` (μB, may be null). The whole JSON is loaded per call: the format has no index.
-Structures are pymatgen dicts, so pymatgen is needed (``pip install pymatgen``).
+Structures are pymatgen dicts, read with pymatgen (a dependency: it also builds the neighbour graphs).
 """
 
 from __future__ import annotations
@@ -43,11 +43,9 @@ def frames(data: dict) -> Iterator[tuple[str, object]]:
 
 
 def frame_atoms(frame: dict) -> Atoms:
-    try:
-        from pymatgen.core import Structure
-        from pymatgen.io.ase import AseAtomsAdaptor
-    except ImportError as error:
-        raise ImportError("reading MPtrj JSON needs pymatgen: pip install pymatgen") from error
+    from pymatgen.core import Structure  # here, not at the top: pymatgen.core takes a second to import
+    from pymatgen.io.ase import AseAtomsAdaptor
+
     atoms = AseAtomsAdaptor.get_atoms(Structure.from_dict(frame["structure"]))
     results = {"energy": float(frame["corrected_total_energy"]), "forces": np.asarray(frame["force"], float)}
     if frame.get("stress") is not None:

@@ -20,6 +20,7 @@ from data_prep.shards import SCHEMA_VERSION
 from data_prep.validate import Record
 
 RIDGE = 1e-8  # relative to the mean diagonal of the normal matrix
+N_ELEMENTS = 119  # atomic numbers 0..118 (validation rejects 0)
 
 
 def write_json(path: Path, obj, indent: int | None = 1) -> None:
@@ -31,36 +32,40 @@ def write_json(path: Path, obj, indent: int | None = 1) -> None:
 
 def chunk_stats(records: Iterable[tuple[Record, str]]) -> dict:
     """Element histogram (all accepted) and per-task statistics (train split only) of one chunk."""
-    elements: dict[int, int] = {}
+    elements = np.zeros(N_ELEMENTS, dtype=np.int64)
     tasks: dict[str, dict] = {}
     for record, split in records:
-        zs, counts = np.unique(record.numbers, return_counts=True)
-        for z, c in zip(zs.tolist(), counts.tolist(), strict=True):
-            elements[z] = elements.get(z, 0) + c
-        t = tasks.setdefault(record.task, {"count": 0, "count_val": 0, "rows": []})
+        composition = np.bincount(record.numbers, minlength=N_ELEMENTS)
+        elements += composition
+        t = tasks.setdefault(record.task, {"count_val": 0, "rows": [], "records": []})
         if split != "train":
             t["count_val"] += 1
             continue
-        t["count"] += 1
-        t["rows"].append((dict(zip(zs.tolist(), counts.tolist(), strict=True)), record))
-    return {"elements": elements, "tasks": {name: _task_sums(t) for name, t in tasks.items()}}
+        t["rows"].append(composition)
+        t["records"].append(record)
+    return {
+        "elements": {int(z): int(elements[z]) for z in np.flatnonzero(elements)},
+        "tasks": {name: _task_sums(t) for name, t in tasks.items()},
+    }
 
 
 def _task_sums(t: dict) -> dict:
-    zs = sorted({z for composition, _ in t["rows"] for z in composition})
-    a = np.array([[composition.get(z, 0) for z in zs] for composition, _ in t["rows"]], dtype=np.float64)
-    y = np.array([record.energy for _, record in t["rows"]])
-    n_atoms = sum(len(record.numbers) for _, record in t["rows"])
+    records = t["records"]
+    rows = np.array(t["rows"], dtype=np.float64).reshape(len(records), N_ELEMENTS)
+    zs = np.flatnonzero(rows.sum(axis=0))
+    a = rows[:, zs]
+    y = np.array([record.energy for record in records])
+    n_atoms = sum(len(record.numbers) for record in records)
     return {
-        "count": t["count"],
+        "count": len(records),
         "count_val": t["count_val"],
         "n_atoms": n_atoms,
-        "energy_per_atom_sum": float(sum(r.energy / len(r.numbers) for _, r in t["rows"])),
-        "force_sq_sum": float(sum(np.square(r.forces).sum() for _, r in t["rows"])),
+        "energy_per_atom_sum": float(sum(r.energy / len(r.numbers) for r in records)),
+        "force_sq_sum": float(sum(np.square(r.forces).sum() for r in records)),
         "force_components": 3 * n_atoms,
-        "elements": zs,
-        "ata": (a.T @ a).tolist() if len(zs) else [],
-        "aty": (a.T @ y).tolist() if len(zs) else [],
+        "elements": zs.tolist(),
+        "ata": (a.T @ a).tolist(),
+        "aty": (a.T @ y).tolist(),
     }
 
 

@@ -67,7 +67,6 @@ class Neighbours(NamedTuple):
 
 
 _thread = threading.local()
-_CORNERS = np.array([[i, j, k] for i in (0, 1) for j in (0, 1) for k in (0, 1)], dtype=np.float64)
 
 
 def _vesin_list(cutoff: float) -> NeighborList:
@@ -115,11 +114,10 @@ def neighbor_graph(positions: np.ndarray, cell: np.ndarray, pbc: np.ndarray, cut
 
 
 def _grid_bins(positions: np.ndarray, cell: np.ndarray, pbc: np.ndarray, cutoff: float) -> float:
-    """Cutoff-sized bins over the atoms and, where periodic, the cell, padded by a cutoff (pymatgen's grid,
-    within a bin per axis)."""
-    points = np.concatenate([positions, _CORNERS @ cell]) if pbc.any() else positions
-    span = points.max(axis=0) - points.min(axis=0) + 2.0 * cutoff
-    return float(np.prod(np.ceil(span / cutoff) + 1.0))
+    """Cutoff-sized bins over the cell's bounding box (periodic) or the atoms' (open), padded by a cutoff
+    on each side: pymatgen's grid, within a bin per axis."""
+    extent = np.abs(cell).sum(axis=0) if pbc.any() else np.ptp(positions, axis=0)
+    return float(np.prod(extent / cutoff + 4.0))
 
 
 def count_triplets(centre: np.ndarray, distance: np.ndarray, n_atoms: int, cutoff: float) -> int:

@@ -2,8 +2,8 @@
 
 Checks: known elements (Z in 1..118), finite positions, cell and labels, label shapes, required labels
 (energy and forces; stress and magmoms are optional), and no two atoms closer than ``min_distance``. The
-distance check reuses the cutoff neighbour list (vesin), so it costs no extra pair search. Stress is kept
-only for fully periodic structures, where it is defined.
+distance check reuses the cutoff neighbour list (``matris.graph``), so it costs no extra pair search. Stress
+is kept only for fully periodic structures, where it is defined.
 """
 
 from __future__ import annotations

@@ -23,15 +23,17 @@ SMALL_RUN = [
 
 
 def parsl_run(*args: str, cwd: Path = ROOT, timeout: float = 600, **popen) -> subprocess.CompletedProcess:
-    """Run the installed ``parsl-run`` console script (the command users type)."""
-    exe = Path(sys.executable).parent / "parsl-run"
+    """Run the installed ``parsl-run`` console script (the command users type), by its path and with its
+    venv off ``PATH``, as from an unactivated venv or cron."""
+    bindir = Path(sys.executable).parent
+    path = [p for p in os.environ.get("PATH", "").split(os.pathsep) if p and Path(p) != bindir]
     return subprocess.run(
-        [str(exe), *args],
+        [str(bindir / "parsl-run"), *args],
         cwd=cwd,
         capture_output=True,
         text=True,
         timeout=timeout,
-        env=os.environ.copy(),
+        env={**os.environ, "PATH": os.pathsep.join(path)},
         **popen,
     )
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -160,7 +161,18 @@ def main(argv: list[str] | None = None) -> int:
         except RuntimeError as err:
             print(f"parsl-run: {err}", file=sys.stderr)
             return 1
+    interpreter_bin_on_path()
     return int(workflow.run(ctx))
+
+
+def interpreter_bin_on_path() -> None:
+    """Put this interpreter's ``bin`` first on ``PATH``: Parsl starts ``interchange.py`` and
+    ``process_worker_pool.py`` by name, and they are installed there, so ``.venv/bin/parsl-run`` from an
+    unactivated venv (or cron) would otherwise fail with ``No such file or directory: 'interchange.py'``."""
+    bindir = str(Path(sys.executable).parent)
+    path = os.environ.get("PATH", "")
+    if bindir not in path.split(os.pathsep):
+        os.environ["PATH"] = os.pathsep.join([bindir, path]) if path else bindir
 
 
 if __name__ == "__main__":

@@ -3,7 +3,10 @@
 The file is split into frames by their atom-count lines without parsing, and the counting pass records the
 byte offset where each chunk starts, so a chunk seeks there (a gzip stream is decompressed up to it, not
 split into lines). Each frame is parsed on its own: a malformed or truncated frame becomes an exception for
-that record only. Gzip is decompressed as a stream (``gzip.open``): ASE seeking in gzip is ~100x slower.
+that record only. Gzip is decompressed as a stream: ASE seeking in gzip is ~100x slower. The stream is
+python-isal's ``IGzipFile`` (ISA-L's inflate) where it imports, else the standard library's ``GzipFile``: on
+data/crystals_pbe, the seeks of eight 250-frame chunks took 0.027 s against 0.09-0.11 s, and splitting the
+whole file into lines 0.016 s against 0.032 s (one-off timing), 5-7 % of the data stage.
 
 A frame is parsed by libextxyz's C parser when the ``extxyz`` package imports (``_fastxyz``, ~4x faster
 than ASE on small cells, same ``Atoms``); a frame it cannot read, and every frame without it, goes to ASE.
@@ -11,7 +14,6 @@ than ASE on small cells, same ``Atoms``); a frame it cannot read, and every fram
 
 from __future__ import annotations
 
-import gzip
 import io
 from collections.abc import Iterator
 from itertools import islice
@@ -20,6 +22,11 @@ from typing import BinaryIO
 
 import ase.io
 from ase import Atoms
+
+try:
+    from isal.igzip import IGzipFile as GzipFile
+except ImportError:  # no ISA-L wheel for this platform
+    from gzip import GzipFile
 
 try:
     from data_prep.readers import _fastxyz
@@ -35,7 +42,7 @@ def open_binary(path: Path) -> BinaryIO:
     with open(path, "rb") as fh:
         magic = fh.read(2)
     if magic == b"\x1f\x8b":  # GzipFile.readline is Python code; a BufferedReader over it splits in C
-        return io.BufferedReader(gzip.GzipFile(path, "rb"), 1 << 16)
+        return io.BufferedReader(GzipFile(path, "rb"), 1 << 16)
     return open(path, "rb")
 
 

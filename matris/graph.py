@@ -89,15 +89,12 @@ def neighbor_graph(positions: np.ndarray, cell: np.ndarray, pbc: np.ndarray, cut
     pbc = np.asarray(pbc, dtype=bool).reshape(3)
     if len(positions) == 0:
         return Neighbours(np.zeros((2, 0), np.int64), np.zeros((0, 3), np.int32), np.zeros(0))
-    dense = _grid_bins(positions, cell, pbc, cutoff) <= MAX_BINS_PER_ATOM * len(positions) + FREE_BINS
-    if pbc.all():
-        if abs(np.linalg.det(cell)) < 1e-8:
-            raise ValueError("cell is singular")
-    elif pbc.any() or not dense:
-        cell = _box_for_open_directions(positions, cell, pbc, cutoff)
-    if not dense:
+    if pbc.any():
+        cell = _box_for_open_directions(positions, cell, pbc, cutoff)  # and rejects a singular cell
+    if _grid_bins(positions, cell, pbc, cutoff) > MAX_BINS_PER_ATOM * len(positions) + FREE_BINS:
+        box = cell if pbc.any() else _box_for_open_directions(positions, cell, pbc, cutoff)
         pairs, shifts, distances = _vesin_list(float(cutoff)).compute(
-            points=positions, box=cell, periodic=pbc, quantities="PSd", copy=False
+            points=positions, box=box, periodic=pbc, quantities="PSd", copy=False
         )
         # copy=False returns views into the list's buffers: the astype calls copy them before its next use
         return Neighbours(pairs.T.astype(np.int64), shifts.astype(np.int32), distances.astype(np.float64))
@@ -114,8 +111,9 @@ def neighbor_graph(positions: np.ndarray, cell: np.ndarray, pbc: np.ndarray, cut
 
 
 def _grid_bins(positions: np.ndarray, cell: np.ndarray, pbc: np.ndarray, cutoff: float) -> float:
-    """Cutoff-sized bins over the cell's bounding box (periodic) or the atoms' (open), padded by a cutoff
-    on each side: pymatgen's grid, within a bin per axis."""
+    """Cutoff-sized bins over the bounding box of ``cell`` (periodic in some direction, with open directions
+    already boxed) or of the atoms (open), padded by a cutoff on each side: pymatgen's grid, within a bin
+    per axis."""
     extent = np.abs(cell).sum(axis=0) if pbc.any() else np.ptp(positions, axis=0)
     return float(np.prod(extent / cutoff + 4.0))
 
@@ -130,7 +128,8 @@ def count_triplets(centre: np.ndarray, distance: np.ndarray, n_atoms: int, cutof
 def _box_for_open_directions(
     positions: np.ndarray, cell: np.ndarray, pbc: np.ndarray, cutoff: float
 ) -> np.ndarray:
-    """Replace the cell vectors of non-periodic directions by a box that encloses every atom with margin."""
+    """Replace the cell vectors of non-periodic directions by a box that encloses every atom with margin;
+    raise ``ValueError`` if the result is singular (a degenerate periodic cell)."""
     box = cell.copy()
     span = positions.max(axis=0) - positions.min(axis=0)
     for axis in range(3):
@@ -139,7 +138,7 @@ def _box_for_open_directions(
             vector[axis] = span.max() + 2.0 * cutoff + 1.0
             box[axis] = vector
     if abs(np.linalg.det(box)) < 1e-8:
-        raise ValueError("cell is singular in its periodic directions")
+        raise ValueError("cell is singular")
     return box
 
 

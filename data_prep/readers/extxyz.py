@@ -25,7 +25,7 @@ from ase import Atoms
 
 try:
     from isal.igzip import IGzipFile as GzipFile
-except ImportError:  # no ISA-L wheel for this platform
+except ImportError:  # a platform without ISA-L wheels (pyproject asks for isal only where they exist)
     from gzip import GzipFile
 
 try:

@@ -1,12 +1,11 @@
 """Neighbour graphs for one structure, from compiled cell lists (no Python loops over atom pairs).
 
-Two libraries, each where it is fast. pymatgen's ``find_points_in_spheres`` (Cython) took 0.09-0.18 ms per
-19-atom crystal of the shared data against vesin's 0.3-0.45 ms, and was faster on every dense cell tried,
-up to 19,652 atoms (0.19 s against 0.23 s), with identical edge sets. But it bins the whole bounding box on
-a cutoff-sized grid, so a sparse structure costs it time and memory by volume: 500 atoms spread over 2,000 Å
-took 13 s, against vesin's 11 ms. Structures whose grid would hold more than ``MAX_BINS_PER_ATOM`` bins per
-atom (plus ``FREE_BINS``) go to vesin. (One-off timing scripts; ``benchmarks/bench_data_prep.py`` shows the
-end-to-end effect.)
+Two libraries, each where it is fast. pymatgen's ``find_points_in_spheres`` (Cython) gives vesin's edge sets
+faster on dense structures: ``benchmarks/bench_data_prep.py`` ("components") measured 0.19 ms per 19-atom
+crystal of the shared data against vesin's 0.30 ms, and 0.08 against 0.11 ms per molecule. But it bins the
+whole bounding box on a cutoff-sized grid, so a sparse structure costs it time and memory by volume: 500
+atoms spread over 1,000 Å took it 2.3 s, and this module 0.01 s through vesin (same benchmark). Structures
+whose grid would hold more than ``MAX_BINS_PER_ATOM`` bins per atom (plus ``FREE_BINS``) go to vesin.
 
 Shared by data preparation (graphs stored in HDF5 shards) and by the ASE calculator, so training and
 inference see the same edges. Only the two-body graph is built here; the three-body line graph is derived

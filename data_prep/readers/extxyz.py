@@ -4,9 +4,9 @@ The file is split into frames by their atom-count lines without parsing, and the
 byte offset where each chunk starts, so a chunk seeks there (a gzip stream is decompressed up to it, not
 split into lines). Each frame is parsed on its own: a malformed or truncated frame becomes an exception for
 that record only. Gzip is decompressed as a stream: ASE seeking in gzip is ~100x slower. The stream is
-python-isal's ``IGzipFile`` (ISA-L's inflate) where it imports, else the standard library's ``GzipFile``: on
-data/crystals_pbe, the seeks of eight 250-frame chunks took 0.027 s against 0.09-0.11 s, and splitting the
-whole file into lines 0.016 s against 0.032 s (one-off timing), 5-7 % of the data stage.
+python-isal's ``IGzipFile`` (ISA-L's inflate) where it imports, else the standard library's ``GzipFile``:
+seeking to every 250-frame chunk of data/crystals_pbe costs 0.016 ms per frame against 0.056
+(``benchmarks/bench_data_prep.py``, "components"), about 3 % of a crystal's preparation.
 
 A frame is parsed by libextxyz's C parser when the ``extxyz`` package imports (``_fastxyz``, ~4x faster
 than ASE on small cells, same ``Atoms``); a frame it cannot read, and every frame without it, goes to ASE.

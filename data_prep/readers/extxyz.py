@@ -6,7 +6,7 @@ split into lines). Each frame is parsed on its own: a malformed or truncated fra
 that record only. Gzip is decompressed as a stream: ASE seeking in gzip is ~100x slower. The stream is
 python-isal's ``IGzipFile`` (ISA-L's inflate) where it imports, else the standard library's ``GzipFile``:
 seeking to every 250-frame chunk of data/crystals_pbe costs 0.016 ms per frame against 0.056
-(``benchmarks/bench_data_prep.py``, "components"), about 3 % of a crystal's preparation.
+(``benchmarks/bench_data_prep.py``, "components"); the difference is ~6 % of a crystal's ~0.7 ms.
 
 A frame is parsed by libextxyz's C parser when the ``extxyz`` package imports (``_fastxyz``, ~4x faster
 than ASE on small cells, same ``Atoms``); a frame it cannot read, and every frame without it, goes to ASE.

@@ -22,7 +22,7 @@ from collections.abc import Callable
 import ase.io
 import numpy as np
 import torch
-from _step_timing import time_steps
+from _step_timing import profile_step, time_steps
 from ase import Atoms
 
 Step = Callable[[], torch.Tensor]
@@ -159,6 +159,7 @@ def main() -> None:
         optimizer.step()
 
     timing = time_steps(step, args.steps, device)
+    profile = profile_step(step, device, timing["step_s"])
     n_atoms = sum(len(a) for a in frames)
     print(
         json.dumps(
@@ -168,6 +169,7 @@ def main() -> None:
                 "atoms": n_atoms,
                 "params": sum(p.numel() for p in model.parameters()),
                 **timing,
+                **profile,
                 "atoms_per_s": n_atoms / timing["step_s"],
             }
         )

@@ -52,3 +52,32 @@ def time_steps(step: Callable[[], None], steps: int, device: torch.device) -> di
         "peak_gb": peak,
         "step_gb": peak - base,
     }
+
+
+def profile_step(step: Callable[[], None], device: torch.device, step_s: float) -> dict:
+    """Where one step's time goes: the share in matmul kernels (``mm``, ``addmm``, ``bmm``), against which
+    FLOP efficiency is bounded, and how many ``MulBackward0`` nodes the backward passes run. On a GPU also
+    the kernels launched and their summed time over ``step_s`` (the unprofiled step time): the GPU's busy
+    share, which is low when the host, launching kernels one by one, sets the pace."""
+    cuda = device.type == "cuda"
+    activities = [torch.profiler.ProfilerActivity.CPU] + (
+        [torch.profiler.ProfilerActivity.CUDA] if cuda else []
+    )
+    with torch.profiler.profile(activities=activities) as profiler:
+        step()
+    events = profiler.key_averages()
+    matmuls = [e for e in events if e.key in ("aten::mm", "aten::addmm", "aten::bmm")]
+    if not cuda:
+        total = sum(e.self_cpu_time_total for e in events)
+        return {
+            "matmul_time_share": sum(e.self_cpu_time_total for e in matmuls) / total,
+            "mul_backward_nodes": sum(e.count for e in events if e.key == "MulBackward0"),
+        }
+    kernels = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA]
+    total = sum(e.self_device_time_total for e in kernels)
+    return {
+        "matmul_time_share": sum(e.device_time_total for e in matmuls) / total,
+        "mul_backward_nodes": sum(e.count for e in events if e.key == "MulBackward0"),
+        "kernels": sum(e.count for e in kernels),
+        "gpu_busy": total / 1e6 / step_s,
+    }

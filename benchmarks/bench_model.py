@@ -18,10 +18,14 @@ model with the MoE's active parameter count. FLOPs are ``matris.flops.model_flop
 force backward and parameter backward); FLOP efficiency divides FLOPs per second by the FLOPs per second
 of a 4096² fp32 matmul timed in the same process right after the steps. "matmul time" is the share of one
 profiled step (``torch.profiler``) spent in ``mm``/``addmm``/``bmm``: were those kernels as fast as the
-reference matmul, FLOP efficiency would equal it. "CPU s/step" is the process CPU time of the fastest step
-(all threads) and "CPU FLOP eff." divides FLOPs per CPU second by the matmul's FLOPs per CPU second:
-unlike wall time it does not count the time other jobs hold the cores, so it stays meaningful on a shared
-machine (with 2 threads it includes OpenMP's spin-waiting). ``--threads 1`` is the
+reference matmul, FLOP efficiency would equal it. On a GPU "FP32-peak eff." also divides by the card's FP32
+(non-tensor-core) peak from ``janus.flops.FP32_PEAK``, the measure of the published MatRIS paper, and
+"GPU busy" is the summed kernel time of one profiled step over the step time: low when the host, which
+launches the kernels one by one, sets the pace (every model, peers included, is profiled the same way).
+"CPU s/step" is the process CPU time of the fastest step (all threads) and "CPU FLOP eff." divides FLOPs
+per CPU second by the matmul's FLOPs per CPU second: unlike wall time it does not count the time other
+jobs hold the cores, so it stays meaningful on a shared machine (with 2 threads it includes OpenMP's
+spin-waiting). ``--threads 1`` is the
 robust setting when other jobs run: two OpenMP threads wait for each other at every parallel region.
 
 Peers run in their own venv (``--peers-python``) through ``_peers_model.py``: the published MatRIS (PyPI
@@ -44,11 +48,12 @@ from pathlib import Path
 import ase.io
 import numpy as np
 import torch
-from _step_timing import time_steps
+from _step_timing import profile_step, time_steps
 from ase import Atoms
 from rich.console import Console
 from rich.table import Table
 
+from janus.flops import FP32_PEAK
 from matris import LossConfig, MatRIS, ModelConfig, multitask_loss, predict
 from matris.batch import Batch, collate
 from matris.flops import model_flops
@@ -103,25 +108,6 @@ def matmul_flops_per_s(device: torch.device, repeats: int = 5) -> tuple[float, f
     return 2 * n**3 / timing["step_s"], 2 * n**3 / timing["cpu_step_s"]
 
 
-def profile_step(step, device: torch.device) -> dict:
-    """Where one step's time goes: the share in matmul kernels (``mm``, ``addmm``, ``bmm``), against which
-    FLOP efficiency is bounded, and how many ``MulBackward0`` nodes the two backward passes run."""
-    cuda = device.type == "cuda"
-    activities = [torch.profiler.ProfilerActivity.CPU] + (
-        [torch.profiler.ProfilerActivity.CUDA] if cuda else []
-    )
-    with torch.profiler.profile(activities=activities) as profiler:
-        step()
-    events = profiler.key_averages()
-    attribute = "self_device_time_total" if cuda else "self_cpu_time_total"
-    total = sum(getattr(e, attribute) for e in events)
-    matmul = sum(getattr(e, attribute) for e in events if e.key in ("aten::mm", "aten::addmm", "aten::bmm"))
-    return {
-        "matmul_time_share": matmul / total,
-        "mul_backward_nodes": sum(e.count for e in events if e.key == "MulBackward0"),
-    }
-
-
 def active_params(model: MatRIS) -> int:
     config = model.config
     total = sum(p.numel() for p in model.parameters())
@@ -145,7 +131,7 @@ def measure(name: str, frames_path: Path, steps: int, device: torch.device) -> d
         optimizer.step()
 
     timing = time_steps(step, steps, device)
-    profile = profile_step(step, device)
+    profile = profile_step(step, device, timing["step_s"])
     flops = model_flops(model, batch)
     matmul, matmul_cpu = matmul_flops_per_s(device)
     return {
@@ -164,7 +150,17 @@ def measure(name: str, frames_path: Path, steps: int, device: torch.device) -> d
         "flop_efficiency": flops["total"] / timing["step_s"] / matmul,
         "matmul_flops_per_cpu_s": matmul_cpu,
         "cpu_flop_efficiency": flops["total"] / timing["cpu_step_s"] / matmul_cpu,
+        "fp32_peak_efficiency": fp32_peak_efficiency(flops["total"] / timing["step_s"], device),
     }
+
+
+def fp32_peak_efficiency(flops_per_s: float, device: torch.device) -> float | None:
+    """FLOPs per second over the card's FP32 peak, on GPUs ``FP32_PEAK`` knows; else None."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    peak = next((value for key, value in FP32_PEAK.items() if key in name), None)
+    return peak and flops_per_s / peak
 
 
 def run_json(command: list[str], threads: int, console: Console) -> dict | None:
@@ -232,6 +228,8 @@ def print_table(console: Console, results: dict[str, dict], title: str) -> None:
         "GFLOP/step",
         "FLOP eff.",
         "CPU FLOP eff.",
+        "FP32-peak eff.",
+        "GPU busy",
         "matmul time",
         "6l ÷ row: atoms/s",
         "6l ÷ row: peak mem",
@@ -263,7 +261,11 @@ def print_table(console: Console, results: dict[str, dict], title: str) -> None:
             fmt(r.get("flop_efficiency") and 100 * r["flop_efficiency"], ".0f") + ("%" if flops else ""),
             fmt(r.get("cpu_flop_efficiency") and 100 * r["cpu_flop_efficiency"], ".0f")
             + ("%" if flops else ""),
-            fmt(r.get("matmul_time_share") and 100 * r["matmul_time_share"], ".0f") + ("%" if flops else ""),
+            fmt(r.get("fp32_peak_efficiency") and 100 * r["fp32_peak_efficiency"], ".0f")
+            + ("%" if r.get("fp32_peak_efficiency") else ""),
+            fmt(r.get("gpu_busy") and 100 * r["gpu_busy"], ".0f") + ("%" if r.get("gpu_busy") else ""),
+            fmt(r.get("matmul_time_share") and 100 * r["matmul_time_share"], ".0f")
+            + ("%" if r.get("matmul_time_share") else ""),
             fmt(dense and dense["atoms_per_s"] / r["atoms_per_s"], ".2f"),
             fmt(same_batch and same_batch["peak_gb"] / r["peak_gb"], ".2f"),
         )

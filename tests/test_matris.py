@@ -391,3 +391,21 @@ def test_model_flops_three_phases(model):
     assert flops["forward"] > 0 and flops["force_backward"] > 0.5 * flops["forward"]
     assert flops["param_backward"] > flops["forward"]
     assert flops["total"] == flops["forward"] + flops["force_backward"] + flops["param_backward"]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_matches_cpu_and_trains(model):
+    """The same float64 model on a GPU gives the CPU's energies, forces and stress, and a training step
+    with the multi-task loss (double backward, MoE dispatch) runs there and yields finite gradients."""
+    structures = [cu_cell(), methane(), bulk("NaCl", "rocksalt", a=5.6)]
+    batch = collate([graph(a) for a in structures], dtype=torch.float64)
+    on_gpu = make_model().cuda()
+    cpu, gpu = predict(model, batch), predict(on_gpu, batch.to(torch.device("cuda")))
+    for key in ("energy", "forces", "stress"):
+        torch.testing.assert_close(gpu[key].cpu(), cpu[key], rtol=1e-9, atol=1e-9)
+    labelled = collate(labelled_structures(), dtype=torch.float64).to(torch.device("cuda"))
+    loss, _ = multitask_loss(predict(on_gpu, labelled, training=True), labelled, TASKS)
+    loss.backward()
+    grads = [p.grad for p in on_gpu.parameters() if p.grad is not None]
+    assert len(grads) > 0.9 * len(list(on_gpu.parameters()))
+    assert all(torch.isfinite(g).all() for g in grads)

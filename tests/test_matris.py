@@ -267,6 +267,41 @@ def test_training_step_backpropagates_through_forces():
     assert "radial.frequencies" in changed and len(changed) > 0.9 * len(before)
 
 
+def test_force_loss_parameter_gradients_match_finite_differences():
+    """The double backward is exact: parameter gradients of a loss on energy, forces and stress equal
+    central differences of that loss, along a random direction of each kind of parameter."""
+    model = make_model()
+    batch = collate([graph(a) for a in (cu_cell(), methane())], dtype=torch.float64)
+
+    def loss(training: bool = False) -> torch.Tensor:
+        p = predict(model, batch, training=training)
+        return p["energy"].square().sum() + p["forces"].square().sum() + p["stress"].square().sum()
+
+    names = [
+        "radial.frequencies",
+        "blocks.0.refine.w1.weight",
+        "blocks.0.line_attention.angle_k.weight",
+        "blocks.1.atom_attention.q.weight",
+        "blocks.1.message.experts.w2",
+        "blocks.1.residual_scale",
+    ]
+    params = dict(model.named_parameters())
+    grads = torch.autograd.grad(loss(training=True), [params[n] for n in names])
+    generator = torch.Generator().manual_seed(0)
+    for name, grad in zip(names, grads, strict=True):
+        p = params[name]
+        direction = torch.randn(p.shape, generator=generator, dtype=p.dtype)
+        original = p.detach().clone()
+        with torch.no_grad():
+            p.copy_(original + 1e-6 * direction)
+            plus = loss().item()
+            p.copy_(original - 1e-6 * direction)
+            minus = loss().item()
+            p.copy_(original)
+        finite_difference = (plus - minus) / 2e-6
+        assert (grad * direction).sum().item() == pytest.approx(finite_difference, rel=1e-6), name
+
+
 def test_magmom_head_is_trained_where_labelled():
     model = make_model(seed=8, magmom_head=True)
     structures = [

@@ -53,7 +53,7 @@ from ase import Atoms
 from rich.console import Console
 from rich.table import Table
 
-from janus.flops import FP32_PEAK
+from janus.flops import table_peak_flops
 from matris import LossConfig, MatRIS, ModelConfig, multitask_loss, predict
 from matris.batch import Batch, collate
 from matris.flops import model_flops
@@ -134,6 +134,7 @@ def measure(name: str, frames_path: Path, steps: int, device: torch.device) -> d
     profile = profile_step(step, device, timing["step_s"])
     flops = model_flops(model, batch)
     matmul, matmul_cpu = matmul_flops_per_s(device)
+    peak = table_peak_flops(device)  # the card's FP32 peak, the paper's measure; None on CPUs
     return {
         "model": name,
         "structures": batch.num_structures,
@@ -150,17 +151,8 @@ def measure(name: str, frames_path: Path, steps: int, device: torch.device) -> d
         "flop_efficiency": flops["total"] / timing["step_s"] / matmul,
         "matmul_flops_per_cpu_s": matmul_cpu,
         "cpu_flop_efficiency": flops["total"] / timing["cpu_step_s"] / matmul_cpu,
-        "fp32_peak_efficiency": fp32_peak_efficiency(flops["total"] / timing["step_s"], device),
+        "fp32_peak_efficiency": peak and flops["total"] / timing["step_s"] / peak,
     }
-
-
-def fp32_peak_efficiency(flops_per_s: float, device: torch.device) -> float | None:
-    """FLOPs per second over the card's FP32 peak, on GPUs ``FP32_PEAK`` knows; else None."""
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    peak = next((value for key, value in FP32_PEAK.items() if key in name), None)
-    return peak and flops_per_s / peak
 
 
 def run_json(command: list[str], threads: int, console: Console) -> dict | None:

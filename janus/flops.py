@@ -108,12 +108,16 @@ def count_triplets(graph: StructureGraph, cutoff: float) -> int:
 
 def peak_flops(device: torch.device, dtype: torch.dtype = torch.float32) -> float:
     """Peak FLOP/s of one rank's device: a table for known accelerators, else a short matmul measurement."""
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-        for key, value in FP32_PEAK.items():
-            if key in name:
-                return value * (0.5 if dtype == torch.float64 else 1.0)
-    return measured_matmul_flops(device, dtype)
+    return table_peak_flops(device, dtype) or measured_matmul_flops(device, dtype)
+
+
+def table_peak_flops(device: torch.device, dtype: torch.dtype = torch.float32) -> float | None:
+    """The device's ``FP32_PEAK`` entry (halved for float64); None for CPUs and accelerators not listed."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    peak = next((value for key, value in FP32_PEAK.items() if key in name), None)
+    return peak and peak * (0.5 if dtype == torch.float64 else 1.0)
 
 
 def measured_matmul_flops(

@@ -205,6 +205,10 @@ def fmt(value: float | None, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
 
+def percent(share: float | None) -> str:
+    return "-" if share is None else f"{100 * share:.0f}%"
+
+
 def print_table(console: Console, results: dict[str, dict], title: str) -> None:
     table = Table(title=title)
     columns = (
@@ -250,14 +254,16 @@ def print_table(console: Console, results: dict[str, dict], title: str) -> None:
             f"{r['peak_gb']:.2f}",
             f"{r['step_gb']:.2f}",
             fmt(flops and flops / 1e9, ",.0f"),
-            fmt(r.get("flop_efficiency") and 100 * r["flop_efficiency"], ".0f") + ("%" if flops else ""),
-            fmt(r.get("cpu_flop_efficiency") and 100 * r["cpu_flop_efficiency"], ".0f")
-            + ("%" if flops else ""),
-            fmt(r.get("fp32_peak_efficiency") and 100 * r["fp32_peak_efficiency"], ".0f")
-            + ("%" if r.get("fp32_peak_efficiency") else ""),
-            fmt(r.get("gpu_busy") and 100 * r["gpu_busy"], ".0f") + ("%" if r.get("gpu_busy") else ""),
-            fmt(r.get("matmul_time_share") and 100 * r["matmul_time_share"], ".0f")
-            + ("%" if r.get("matmul_time_share") else ""),
+            *(
+                percent(r.get(key))
+                for key in (
+                    "flop_efficiency",
+                    "cpu_flop_efficiency",
+                    "fp32_peak_efficiency",
+                    "gpu_busy",
+                    "matmul_time_share",
+                )
+            ),
             fmt(dense and dense["atoms_per_s"] / r["atoms_per_s"], ".2f"),
             fmt(same_batch and same_batch["peak_gb"] / r["peak_gb"], ".2f"),
         )

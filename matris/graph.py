@@ -91,12 +91,7 @@ def neighbor_graph(positions: np.ndarray, cell: np.ndarray, pbc: np.ndarray, cut
     if pbc.any():
         cell = _box_for_open_directions(positions, cell, pbc, cutoff)  # and rejects a singular cell
     if _grid_bins(positions, cell, pbc, cutoff) > MAX_BINS_PER_ATOM * len(positions) + FREE_BINS:
-        box = cell if pbc.any() else _box_for_open_directions(positions, cell, pbc, cutoff)
-        pairs, shifts, distances = _vesin_list(float(cutoff)).compute(
-            points=positions, box=box, periodic=pbc, quantities="PSd", copy=False
-        )
-        # copy=False returns views into the list's buffers: the astype calls copy them before its next use
-        return Neighbours(pairs.T.astype(np.int64), shifts.astype(np.int32), distances.astype(np.float64))
+        return vesin_graph(positions, cell, pbc, cutoff)
     search_cell = cell if pbc.any() else np.eye(3)  # no images: any cell serves, and a small one is faster
     centre, neighbour, shifts, distances = find_points_in_spheres(
         positions, positions, float(cutoff), pbc.astype(np.int64), search_cell, tol=1e-8
@@ -107,6 +102,17 @@ def neighbor_graph(positions: np.ndarray, cell: np.ndarray, pbc: np.ndarray, cut
         np.rint(shifts[pair]).astype(np.int32),
         distances[pair],
     )
+
+
+def vesin_graph(positions: np.ndarray, cell: np.ndarray, pbc: np.ndarray, cutoff: float) -> Neighbours:
+    """``neighbor_graph``'s search for sparse structures, through vesin (also timed on its own by
+    ``benchmarks/bench_data_prep.py``); arrays as ``neighbor_graph`` prepares them."""
+    box = cell if pbc.all() else _box_for_open_directions(positions, cell, pbc, cutoff)
+    pairs, shifts, distances = _vesin_list(float(cutoff)).compute(
+        points=positions, box=box, periodic=pbc, quantities="PSd", copy=False
+    )
+    # copy=False returns views into the list's buffers: the astype calls copy them before its next use
+    return Neighbours(pairs.T.astype(np.int64), shifts.astype(np.int32), distances.astype(np.float64))
 
 
 def _grid_bins(positions: np.ndarray, cell: np.ndarray, pbc: np.ndarray, cutoff: float) -> float:

@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from matris.fused import available, rms_norm
+
 
 def polynomial_envelope(r: torch.Tensor, cutoff: float, p: int = 5) -> torch.Tensor:
     """DimeNet envelope: 1 at r=0, zero value, slope and curvature at the cutoff (C² switch-off)."""
@@ -43,6 +45,15 @@ def legendre(x: torch.Tensor, num: int, dim: int = -1) -> torch.Tensor:
     for n in range(1, num - 1):
         terms.append(((2 * n + 1) * x * terms[n] - n * terms[n - 1]) / (n + 1))
     return torch.stack(terms[:num], dim=dim)
+
+
+class RMSNorm(nn.RMSNorm):
+    """`torch.nn.RMSNorm` that trains with the fused twice-differentiable kernel of `matris.fused`."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not (self.training and available()):
+            return super().forward(x)
+        return rms_norm(x, self.weight, self.eps if self.eps is not None else torch.finfo(x.dtype).eps)
 
 
 class GatedMLP(nn.Module):

@@ -15,11 +15,13 @@ from torch import nn
 
 from matris.batch import Batch
 from matris.config import ModelConfig
+from matris.fused import available, scaled_swiglu
 from matris.layers import (
     AtomAttention,
     GatedMLP,
     LineAttention,
     RadialBasis,
+    RMSNorm,
     TripletBlocks,
     legendre,
     polynomial_envelope,
@@ -127,15 +129,15 @@ class InteractionBlock(nn.Module):
     def __init__(self, config: ModelConfig, moe: bool):
         super().__init__()
         d, heads, cap = config.dim, config.num_heads, config.score_cap
-        self.refine_norm = nn.RMSNorm(3 * d)
+        self.refine_norm = RMSNorm(3 * d)
         self.refine = GatedMLP(3 * d, d, d)
-        self.line_norm = nn.RMSNorm(d)
+        self.line_norm = RMSNorm(d)
         self.line_attention = LineAttention(d, config.num_angular, heads, cap)
-        self.message_norm = nn.RMSNorm(d)
-        self.bond_norm = nn.RMSNorm(d)
+        self.message_norm = RMSNorm(d)
+        self.bond_norm = RMSNorm(d)
         self.message = self._feed_forward(config, moe)
         self.atom_attention = AtomAttention(d, heads, cap)
-        self.update_norm = nn.RMSNorm(d)
+        self.update_norm = RMSNorm(d)
         self.update = self._feed_forward(config, moe)
         self.residual_scale = nn.Parameter(torch.ones(4))
         self.num_experts = config.num_experts
@@ -191,8 +193,8 @@ class InteractionBlock(nn.Module):
         square = atoms.square().sum(-1)
         square = square.index_select(0, g.centre) + square.index_select(0, g.neighbour)
         mean_square = (square + bonds.square().sum(-1)) / (3 * d)
-        gate, value = (hidden * (mean_square + eps).rsqrt().unsqueeze(-1)).chunk(2, dim=-1)
-        return torch.addmm(bonds, F.silu(gate) * value, (scale * mlp.w2.weight).T)
+        activation = scaled_swiglu(hidden, (mean_square + eps).rsqrt(), fused=self.training and available())
+        return torch.addmm(bonds, activation, (scale * mlp.w2.weight).T)
 
 
 def _apply(layer: nn.Module, x: torch.Tensor, z: torch.Tensor, routing: list) -> torch.Tensor:
@@ -219,7 +221,7 @@ class MatRIS(nn.Module):
         self.embed_bond = nn.Linear(config.num_radial, d)
         moe = set(config.moe_blocks)
         self.blocks = nn.ModuleList(InteractionBlock(config, i in moe) for i in range(config.num_blocks))
-        self.norm = nn.RMSNorm(d)
+        self.norm = RMSNorm(d)
         self.energy_head = nn.Sequential(nn.Linear(d, d), nn.SiLU(), nn.Linear(d, 1))
         self.magmom_head = (
             nn.Sequential(nn.Linear(d, d), nn.SiLU(), nn.Linear(d, 1)) if config.magmom_head else None

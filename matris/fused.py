@@ -58,7 +58,6 @@ def twice_differentiable(forward: Kernel, backward: Kernel, double_backward: Ker
     """An op from three pure functions: ``forward(*inputs)``, ``backward(*grads, *inputs)`` returning one
     gradient per input, and ``double_backward(*cotangents, *grads, *inputs)`` returning the gradients of
     ``backward``'s inputs given cotangents of its outputs."""
-    forward, backward, double_backward = _Compiled(forward), _Compiled(backward), _Compiled(double_backward)
 
     class Backward(torch.autograd.Function):
         @staticmethod
@@ -123,7 +122,9 @@ def _swiglu_double_backward(
     return g_gu, torch.cat([g_hg, g_hv], dim=-1), g_r
 
 
-_scaled_swiglu = twice_differentiable(_swiglu_forward, _swiglu_backward, _swiglu_double_backward)
+_scaled_swiglu = twice_differentiable(
+    _Compiled(_swiglu_forward), _Compiled(_swiglu_backward), _Compiled(_swiglu_double_backward)
+)
 
 
 def scaled_swiglu(h: torch.Tensor, r: torch.Tensor, fused: bool = True) -> torch.Tensor:
@@ -167,10 +168,13 @@ def _rms_norm_double_backward(
     return g_gy, g_x, g_w, torch.zeros_like(eps)
 
 
-_rms_norm = twice_differentiable(_rms_norm_forward, _rms_norm_backward, _rms_norm_double_backward)
+_rms_norm = twice_differentiable(
+    _Compiled(_rms_norm_forward), _Compiled(_rms_norm_backward), _Compiled(_rms_norm_double_backward)
+)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, fused: bool = True) -> torch.Tensor:
     """``x / rms(x) · weight`` over the last dimension, as `torch.nn.RMSNorm` computes it."""
     eps = x.new_tensor(eps)
     return _rms_norm(x, weight, eps) if fused else _rms_norm_forward(x, weight, eps)
+

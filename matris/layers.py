@@ -97,10 +97,9 @@ class AtomAttention(nn.Module):
 
     def forward(self, query, source, bond, centre, neighbour, envelope):
         h, (n, d) = self.num_heads, query.shape
-        kv_weight = torch.cat([self.k.weight, self.v.weight])  # (2d, 2d): [source | bond] columns
-        kv = torch.addmm(
-            F.linear(source, kv_weight[:, :d]).index_select(0, neighbour), bond, kv_weight[:, d:].T
-        )
+        # (2d, d) each: contiguous copies, since BLAS runs x @ w.T some 30 % slower when w is a column slice
+        source_w, bond_w = (w.contiguous() for w in torch.cat([self.k.weight, self.v.weight]).split(d, dim=1))
+        kv = torch.addmm(F.linear(source, source_w).index_select(0, neighbour), bond, bond_w.T)
         k, v = kv.view(-1, 2, h, d // h).unbind(1)
         q = self.q(query).view(n, h, -1).index_select(0, centre)
         alpha = sink_softmax((q * k).sum(-1) / math.sqrt(d // h), envelope, centre, n, self.cap)

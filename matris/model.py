@@ -187,9 +187,10 @@ class InteractionBlock(nn.Module):
         d, norm, mlp = atoms.shape[1], self.refine_norm, self.refine
         eps = norm.eps if norm.eps is not None else torch.finfo(atoms.dtype).eps
         weight = torch.cat([mlp.w1.weight, mlp.w3.weight]) * norm.weight  # (2 hidden, 3d)
-        centre_part = F.linear(atoms, weight[:, :d]).index_select(0, g.centre)
-        neighbour_part = F.linear(atoms, weight[:, d : 2 * d]).index_select(0, g.neighbour)
-        hidden = torch.addmm(centre_part + neighbour_part, bonds, weight[:, 2 * d :].T)
+        centre_w, neighbour_w, bond_w = (w.contiguous() for w in weight.split(d, dim=1))  # see AtomAttention
+        centre_part = F.linear(atoms, centre_w).index_select(0, g.centre)
+        neighbour_part = F.linear(atoms, neighbour_w).index_select(0, g.neighbour)
+        hidden = torch.addmm(centre_part + neighbour_part, bonds, bond_w.T)
         square = atoms.square().sum(-1)
         square = square.index_select(0, g.centre) + square.index_select(0, g.neighbour)
         mean_square = (square + bonds.square().sum(-1)) / (3 * d)

@@ -390,6 +390,7 @@ def main(argv: list[str] | None = None) -> int:
     (cfg.out_dir / "ranks" / f"rank{env.rank}.pid").write_text(str(os.getpid()))
     try:
         train(cfg, env)
+        dist.barrier()  # no rank tears the group down while another is still in a collective (gloo aborts)
     except (ConfigError, LayoutError) as err:
         print(f"janus.train: {err}", file=sys.stderr)
         return 2

@@ -112,6 +112,7 @@ def _worker(rank: int, world: int, store: str, cfg: dict, steps: int, save_at: i
         if rank == 0:
             merged = {k: v for part in gathered for k, v in part.items()}
             torch.save({"records": records, "preds": merged, "params": params, "ema": ema}, out)
+        dist.barrier()  # as janus.train.main: leave no collective in flight at teardown
     finally:
         dist.destroy_process_group()
 

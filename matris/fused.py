@@ -33,13 +33,15 @@ class _Compiled:
 
     def __init__(self, kernel: Kernel):
         self.kernel = kernel
-        self.compiled = torch.compile(kernel, dynamic=True, fullgraph=True)
+        self.compiled: Kernel | None = None  # made on first use: importing dynamo costs ~1 s per process
 
     def __call__(self, *args: torch.Tensor):
         # under a Python dispatch mode (janus's FLOP meter, FlopCounterMode) dynamo does not compile: run
         # eagerly for that step rather than count it as a failure
         if _Compiled.enabled and _get_current_dispatch_mode() is None:
             try:
+                if self.compiled is None:
+                    self.compiled = torch.compile(self.kernel, dynamic=True, fullgraph=True)
                 return self.compiled(*args)
             except Exception as error:
                 _Compiled.enabled = False

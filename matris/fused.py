@@ -7,10 +7,10 @@ Here each chain is one `torch.autograd.Function` whose backward is a second Func
 derivatives written out by hand, so that every level is a pure elementwise function that inductor fuses
 into one loop (``torch.compile(dynamic=True)``: batch sizes change every step, the kernel does not).
 
-The model uses these kernels in training mode while `available` is true: evaluation keeps plain ops, which
-`matris.deploy` traces, and so does training with ``MATRIS_COMPILE=0`` or after compiling has failed (no
-C++ compiler, an unsupported backend; one warning), since uncompiled the hand-written derivatives are no
-faster than autograd's. A third derivative is not supported.
+The model asks for these kernels in training mode (``fused=True``); they run while `available` is true.
+Evaluation keeps plain ops, which `matris.deploy` traces, and so does training with ``MATRIS_COMPILE=0`` or
+after compiling has failed (no C++ compiler, an unsupported backend; one warning), since uncompiled the
+hand-written derivatives are no faster than autograd's. A third derivative is not supported.
 """
 
 from __future__ import annotations
@@ -135,7 +135,7 @@ _scaled_swiglu = twice_differentiable(
 def scaled_swiglu(h: torch.Tensor, r: torch.Tensor, fused: bool = True) -> torch.Tensor:
     """``silu(h_g · r) · (h_v · r)`` for ``h = [h_g | h_v]`` (rows, 2H) and a row scale ``r`` (rows,): the
     gated MLP's activation after an RMSNorm folded into its first matmul. ``fused=False``: plain ops."""
-    return _scaled_swiglu(h, r) if fused else _swiglu_forward(h, r)
+    return _scaled_swiglu(h, r) if fused and available() else _swiglu_forward(h, r)
 
 
 def _rms(x: torch.Tensor, eps: float) -> torch.Tensor:
@@ -179,7 +179,8 @@ _rms_norm = twice_differentiable(
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, fused: bool = True) -> torch.Tensor:
-    """``x / rms(x) · weight`` over the last dimension, as `torch.nn.RMSNorm` computes it."""
-    eps = x.new_tensor(eps)
-    return _rms_norm(x, weight, eps) if fused else _rms_norm_forward(x, weight, eps)
+    """``x / rms(x) · weight`` over the last dimension; ``fused=False``: `torch.nn.functional.rms_norm`."""
+    if fused and available():
+        return _rms_norm(x, weight, x.new_tensor(eps))
+    return torch.nn.functional.rms_norm(x, x.shape[-1:], weight, eps)
 

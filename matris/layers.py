@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from matris.fused import available, rms_norm
+from matris.fused import rms_norm
 
 
 def polynomial_envelope(r: torch.Tensor, cutoff: float, p: int = 5) -> torch.Tensor:
@@ -50,10 +50,12 @@ def legendre(x: torch.Tensor, num: int, dim: int = -1) -> torch.Tensor:
 class RMSNorm(nn.RMSNorm):
     """`torch.nn.RMSNorm` that trains with the fused twice-differentiable kernel of `matris.fused`."""
 
+    def epsilon(self, dtype: torch.dtype) -> float:
+        """``eps``, or as `torch.nn.RMSNorm` reads ``eps=None``: the dtype's machine epsilon."""
+        return self.eps if self.eps is not None else torch.finfo(dtype).eps
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not (self.training and available()):
-            return super().forward(x)
-        return rms_norm(x, self.weight, self.eps if self.eps is not None else torch.finfo(x.dtype).eps)
+        return rms_norm(x, self.weight, self.epsilon(x.dtype), fused=self.training)
 
 
 class GatedMLP(nn.Module):

@@ -15,7 +15,7 @@ from torch import nn
 
 from matris.batch import Batch
 from matris.config import ModelConfig
-from matris.fused import available, scaled_swiglu
+from matris.fused import scaled_swiglu
 from matris.layers import (
     AtomAttention,
     GatedMLP,
@@ -185,7 +185,7 @@ class InteractionBlock(nn.Module):
         (e, 3d) pairs: the RMSNorm only rescales each edge's row, so the atom thirds of the first layer run
         per atom, and the bond third and the residual sum go into the matmuls (``addmm``)."""
         d, norm, mlp = atoms.shape[1], self.refine_norm, self.refine
-        eps = norm.eps if norm.eps is not None else torch.finfo(atoms.dtype).eps
+        eps = norm.epsilon(atoms.dtype)
         weight = torch.cat([mlp.w1.weight, mlp.w3.weight]) * norm.weight  # (2 hidden, 3d)
         centre_w, neighbour_w, bond_w = (w.contiguous() for w in weight.split(d, dim=1))  # see AtomAttention
         centre_part = F.linear(atoms, centre_w).index_select(0, g.centre)
@@ -194,7 +194,7 @@ class InteractionBlock(nn.Module):
         square = atoms.square().sum(-1)
         square = square.index_select(0, g.centre) + square.index_select(0, g.neighbour)
         mean_square = (square + bonds.square().sum(-1)) / (3 * d)
-        activation = scaled_swiglu(hidden, (mean_square + eps).rsqrt(), fused=self.training and available())
+        activation = scaled_swiglu(hidden, (mean_square + eps).rsqrt(), fused=self.training)
         return torch.addmm(bonds, activation, (scale * mlp.w2.weight).T)
 
 

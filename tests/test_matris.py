@@ -322,6 +322,25 @@ def test_fused_kernels_derivatives_to_second_order(monkeypatch, compiled):
     assert fused.available() == compiled
 
 
+def test_failed_compile_warns_once_and_training_goes_on_with_plain_ops(monkeypatch):
+    monkeypatch.setattr(fused._Compiled, "enabled", True)
+    kernel = fused._Compiled(fused._swiglu_forward)
+
+    def no_compiler(*args):
+        raise RuntimeError("no C++ compiler")
+
+    kernel.compiled = no_compiler
+    h, r = torch.randn(4, 6), torch.rand(4) + 0.5
+    with pytest.warns(RuntimeWarning, match=r"no C\+\+ compiler"):
+        out = kernel(h, r)
+    torch.testing.assert_close(out, fused._swiglu_forward(h, r))
+    assert not fused.available()
+    x, w = torch.randn(3, 4, requires_grad=True), torch.randn(4)
+    y = fused.rms_norm(x, w, 1e-6, fused=True)
+    assert type(y.grad_fn).__name__ != "OpBackward"  # plain ops, not the fused Function
+    torch.testing.assert_close(y, torch.nn.functional.rms_norm(x, (4,), w, 1e-6))
+
+
 def test_training_with_fused_kernels_equals_plain_ops():
     """Training mode (fused kernels) and evaluation mode (plain ops) give the same loss and parameter
     gradients of a loss on forces and stress."""

@@ -181,6 +181,6 @@ _rms_norm = twice_differentiable(
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, fused: bool = True) -> torch.Tensor:
     """``x / rms(x) · weight`` over the last dimension; ``fused=False``: `torch.nn.functional.rms_norm`."""
     if fused and available():
-        return _rms_norm(x, weight, x.new_tensor(eps))
+        return _rms_norm(x, weight, x.new_full((), eps))
     return torch.nn.functional.rms_norm(x, x.shape[-1:], weight, eps)
 

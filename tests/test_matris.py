@@ -305,16 +305,20 @@ def test_force_loss_parameter_gradients_match_finite_differences():
         assert (grad * direction).sum().item() == pytest.approx(finite_difference, rel=1e-6), name
 
 
+NEEDS_CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+DEVICES = ["cpu", pytest.param("cuda", marks=NEEDS_CUDA)]
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("compiled", [True, False], ids=["compiled", "eager"])
-def test_fused_kernels_derivatives_to_second_order(monkeypatch, compiled):
+def test_fused_kernels_derivatives_to_second_order(monkeypatch, compiled, device):
     """The fused kernels' hand-written first and second derivatives equal numerical ones (float64), both
     compiled and run eagerly, and compiling did not fall back."""
     monkeypatch.setattr(fused._Compiled, "enabled", compiled)
     generator = torch.Generator().manual_seed(0)
-    h = torch.randn(7, 6, generator=generator, dtype=torch.float64, requires_grad=True)
-    r = (torch.rand(7, generator=generator, dtype=torch.float64) + 0.5).requires_grad_()
-    x = torch.randn(2, 5, 4, generator=generator, dtype=torch.float64, requires_grad=True)
-    w = torch.randn(4, generator=generator, dtype=torch.float64, requires_grad=True)
+    h, x = torch.randn(7, 6, generator=generator), torch.randn(2, 5, 4, generator=generator)
+    r, w = torch.rand(7, generator=generator) + 0.5, torch.randn(4, generator=generator)
+    h, r, x, w = (t.to(device, torch.float64).requires_grad_() for t in (h, r, x, w))
     for op, args in [(fused.scaled_swiglu, (h, r)), (lambda x, w: fused.rms_norm(x, w, 1e-3), (x, w))]:
         assert torch.autograd.gradcheck(op, args)
         assert torch.autograd.gradgradcheck(op, args)
@@ -341,11 +345,12 @@ def test_failed_compile_warns_once_and_training_goes_on_with_plain_ops(monkeypat
     torch.testing.assert_close(y, torch.nn.functional.rms_norm(x, (4,), w, 1e-6))
 
 
-def test_training_with_fused_kernels_equals_plain_ops():
+@pytest.mark.parametrize("device", DEVICES)
+def test_training_with_fused_kernels_equals_plain_ops(device):
     """Training mode (fused kernels) and evaluation mode (plain ops) give the same loss and parameter
     gradients of a loss on forces and stress."""
-    model = make_model()
-    batch = collate([graph(a) for a in (cu_cell(), methane())], dtype=torch.float64)
+    model = make_model().to(device)
+    batch = collate([graph(a) for a in (cu_cell(), methane())], dtype=torch.float64).to(torch.device(device))
     results = []
     for training in (True, False):
         model.train(training)
@@ -488,7 +493,7 @@ def test_model_flops_three_phases(model):
     assert fused.available()  # counting under a dispatch mode ran the kernels eagerly, not as a failure
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@NEEDS_CUDA
 def test_cuda_matches_cpu_and_trains(model):
     """The same float64 model on a GPU gives the CPU's energies, forces and stress, and a training step
     with the multi-task loss (double backward, MoE dispatch) runs there and yields finite gradients."""

@@ -1,21 +1,24 @@
-"""Fused, twice-differentiable elementwise kernels for the training step.
+"""Fused, twice-differentiable kernels for the training step.
 
 Training differentiates the loss of forces, which are themselves gradients, so every op runs forward,
 backward and backward-of-backward. Autograd expands a chain like ``silu(a·r)·(b·r)`` into dozens of
 separate memory-bound passes over edge-sized tensors, and ``torch.compile`` cannot differentiate twice.
-Here each chain is one `torch.autograd.Function` whose backward is a second Function, with both
-derivatives written out by hand, so that every level is a pure elementwise function that inductor fuses
-into one loop (``torch.compile(dynamic=True)``: batch sizes change every step, the kernel does not).
+Here each chain is one `torch.autograd.Function` whose backward is a second Function. Their bodies are
+the forward's vector-Jacobian product and the vjp of that, taken with `torch.func.vjp` inside the function
+that ``torch.compile(dynamic=True)`` compiles, so every level is one graph that inductor fuses (batch
+sizes change every step, the kernels do not).
 
 The model asks for these kernels in training mode (``fused=True``); they run while `available` is true.
 Evaluation keeps plain ops, which `matris.deploy` traces, and so does training with ``MATRIS_COMPILE=0`` or
 after compiling has failed (no C++ compiler, an unsupported backend; one warning), since uncompiled the
-hand-written derivatives are no faster than autograd's. A third derivative is not supported.
+derived derivatives are no faster than autograd's. A third derivative is not supported.
 """
 
 from __future__ import annotations
 
+import functools
 import os
+import types
 import warnings
 from collections.abc import Callable
 
@@ -42,7 +45,9 @@ class _Compiled:
             try:
                 if self.compiled is None:
                     self.compiled = torch.compile(self.kernel, dynamic=True, fullgraph=True)
-                return self.compiled(*args)
+                # detached: inputs inside an autograd.Function may or may not require grad, and dynamo
+                # would compile once for each pattern
+                return self.compiled(*(arg.detach() for arg in args))
             except Exception as error:
                 _Compiled.enabled = False
                 warnings.warn(
@@ -59,39 +64,57 @@ def available() -> bool:
     return _Compiled.enabled
 
 
-def twice_differentiable(forward: Kernel, backward: Kernel, double_backward: Kernel):
-    """An op from three pure functions: ``forward(*inputs)``, ``backward(*grads, *inputs)`` returning one
-    gradient per input, and ``double_backward(*cotangents, *grads, *inputs)`` returning the gradients of
-    ``backward``'s inputs given cotangents of its outputs."""
+def _renamed(function: types.FunctionType, name: str) -> types.FunctionType:
+    """``function`` with a code object of its own named ``name``: dynamo keeps its compiled graphs, and
+    its limit of eight recompiles, per code object, which closures made by one factory would share."""
+    code = function.__code__.replace(co_name=name, co_qualname=name)
+    return types.FunctionType(code, function.__globals__, name, function.__defaults__, function.__closure__)
+
+
+def twice_differentiable(forward: Kernel):
+    """An op from a pure function ``forward(*inputs) -> tensor`` whose backward and backward-of-backward
+    are derived by `torch.func.vjp` and compiled like the forward: each level is one compiled graph.
+
+    Backward recomputes what it needs from the inputs instead of saving intermediates: elementwise work
+    is cheaper than the memory traffic of storing it.
+    """
+
+    def backward(grad: torch.Tensor, *inputs: torch.Tensor):
+        return torch.func.vjp(forward, *inputs)[1](grad)
+
+    def double_backward(*cotangents_grad_and_inputs: torch.Tensor):
+        n = len(cotangents_grad_and_inputs) // 2  # n cotangents, one per input; the grad; n inputs
+        cotangents, grad_and_inputs = cotangents_grad_and_inputs[:n], cotangents_grad_and_inputs[n:]
+        return torch.func.vjp(backward, *grad_and_inputs)[1](cotangents)
+
+    compiled_forward, compiled_backward, compiled_double_backward = (
+        _Compiled(_renamed(forward, forward.__name__)),
+        _Compiled(_renamed(backward, f"{forward.__name__}_backward")),
+        _Compiled(_renamed(double_backward, f"{forward.__name__}_double_backward")),
+    )
 
     class Backward(torch.autograd.Function):
         @staticmethod
-        def forward(ctx, *grads_and_inputs):
-            ctx.save_for_backward(*grads_and_inputs)
-            return backward(*grads_and_inputs)
+        def forward(ctx, *grad_and_inputs):
+            ctx.save_for_backward(*grad_and_inputs)
+            return compiled_backward(*grad_and_inputs)
 
         @staticmethod
         @once_differentiable
         def backward(ctx, *cotangents):
-            return double_backward(*cotangents, *ctx.saved_tensors)
+            return compiled_double_backward(*cotangents, *ctx.saved_tensors)
 
     class Op(torch.autograd.Function):
         @staticmethod
         def forward(ctx, *inputs):
             ctx.save_for_backward(*inputs)
-            return forward(*inputs)
+            return compiled_forward(*inputs)
 
         @staticmethod
-        def backward(ctx, *grads):
-            return Backward.apply(*grads, *ctx.saved_tensors)
+        def backward(ctx, grad):
+            return Backward.apply(grad, *ctx.saved_tensors)
 
     return Op.apply
-
-
-def _silu_derivatives(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """silu(a) = a σ(a), its first and its second derivative."""
-    s = torch.sigmoid(a)
-    return a * s, s * (1 + a * (1 - s)), s * (1 - s) * (2 + a * (1 - 2 * s))
 
 
 def _swiglu_forward(h: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
@@ -100,36 +123,7 @@ def _swiglu_forward(h: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.silu(hg * r) * (hv * r)
 
 
-def _swiglu_backward(gu: torch.Tensor, h: torch.Tensor, r: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    hg, hv = h.chunk(2, dim=-1)
-    r1 = r.unsqueeze(-1)
-    a, b = hg * r1, hv * r1
-    s, ds, _ = _silu_derivatives(a)
-    ga, gb = gu * b * ds, gu * s
-    return torch.cat([ga * r1, gb * r1], dim=-1), (ga * hg + gb * hv).sum(-1)
-
-
-def _swiglu_double_backward(
-    p: torch.Tensor, rho: torch.Tensor, gu: torch.Tensor, h: torch.Tensor, r: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """With P = (P_g, P_v) the cotangent of ∂h and ρ that of ∂r, the loss term is
-    L = gu (S'(a) b X + S(a) Y), X = P_g r + ρ h_g, Y = P_v r + ρ h_v, a = h_g r, b = h_v r."""
-    hg, hv = h.chunk(2, dim=-1)
-    pg, pv = p.chunk(2, dim=-1)
-    r1, rho = r.unsqueeze(-1), rho.unsqueeze(-1)
-    a, b = hg * r1, hv * r1
-    s, ds, dds = _silu_derivatives(a)
-    x, y = pg * r1 + rho * hg, pv * r1 + rho * hv
-    g_gu = ds * b * x + s * y
-    g_hg = gu * (dds * r1 * b * x + ds * (b * rho + r1 * y))
-    g_hv = gu * (ds * r1 * x + s * rho)
-    g_r = (gu * (dds * hg * b * x + ds * (hv * x + b * pg + hg * y) + s * pv)).sum(-1)
-    return g_gu, torch.cat([g_hg, g_hv], dim=-1), g_r
-
-
-_scaled_swiglu = twice_differentiable(
-    _Compiled(_swiglu_forward), _Compiled(_swiglu_backward), _Compiled(_swiglu_double_backward)
-)
+_scaled_swiglu = twice_differentiable(_swiglu_forward)
 
 
 def scaled_swiglu(h: torch.Tensor, r: torch.Tensor, fused: bool = True) -> torch.Tensor:
@@ -138,44 +132,11 @@ def scaled_swiglu(h: torch.Tensor, r: torch.Tensor, fused: bool = True) -> torch
     return _scaled_swiglu(h, r) if fused and available() else _swiglu_forward(h, r)
 
 
-def _rms(x: torch.Tensor, eps: float) -> torch.Tensor:
-    return (x.square().mean(-1, keepdim=True) + eps).rsqrt()
-
-
 def _rms_norm_forward(x: torch.Tensor, w: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
-    return x * _rms(x, eps) * w
+    return x * (x.square().mean(-1, keepdim=True) + eps).rsqrt() * w
 
 
-def _rms_norm_backward(gy: torch.Tensor, x: torch.Tensor, w: torch.Tensor, eps: torch.Tensor):
-    rho, d = _rms(x, eps), x.shape[-1]
-    t = gy * w
-    s = (t * x).sum(-1, keepdim=True)
-    gx = rho * t - x * (rho**3 * s / d)
-    return gx, (gy * x * rho).flatten(0, -2).sum(0), torch.zeros_like(eps)
-
-
-def _rms_norm_double_backward(
-    cx: torch.Tensor, cw: torch.Tensor, ce: torch.Tensor, gy: torch.Tensor, x: torch.Tensor, w: torch.Tensor,
-    eps: torch.Tensor,
-):
-    """Per row, with ρ = rms(x)⁻¹, t = gy·w, s = Σ t x: L = ρ A − ρ³ s B / d + ρ C for A = Σ cx t,
-    B = Σ cx x and C = Σ cw gy x (cx, cw: cotangents of ∂x and ∂w)."""
-    rho, d = _rms(x, eps), x.shape[-1]
-    rho3 = rho**3
-    t = gy * w
-    s = (t * x).sum(-1, keepdim=True)
-    a = (cx * t).sum(-1, keepdim=True)
-    b = (cx * x).sum(-1, keepdim=True)
-    c = (cw * gy * x).sum(-1, keepdim=True)
-    g_gy = rho * (cx * w + cw * x) - rho3 * b * w * x / d
-    g_x = rho * cw * gy - rho3 / d * (t * b + s * cx) + x * (rho3 / d) * (3 * rho**2 * s * b / d - a - c)
-    g_w = (rho * cx * gy - rho3 * b * gy * x / d).flatten(0, -2).sum(0)
-    return g_gy, g_x, g_w, torch.zeros_like(eps)
-
-
-_rms_norm = twice_differentiable(
-    _Compiled(_rms_norm_forward), _Compiled(_rms_norm_backward), _Compiled(_rms_norm_double_backward)
-)
+_rms_norm = twice_differentiable(_rms_norm_forward)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, fused: bool = True) -> torch.Tensor:
@@ -184,3 +145,35 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, fused: bool = Tr
         return _rms_norm(x, weight, x.new_full((), eps))
     return torch.nn.functional.rms_norm(x, x.shape[-1:], weight, eps)
 
+
+def capped_weights(scores: torch.Tensor, envelope: torch.Tensor, cap: float) -> torch.Tensor:
+    """``envelope · exp(cap · tanh(score / cap))``: attention weights that cannot overflow and vanish
+    with the envelope at the cutoff."""
+    return envelope * torch.exp(cap * torch.tanh(scores / cap))
+
+
+@functools.cache
+def _line_weights(cap: float) -> tuple[Kernel, Kernel]:
+    """The plain and the fused form of line attention's weights for one score cap."""
+
+    def line_weights(qk, angular, envelope, angle):
+        w = capped_weights(qk + angular.transpose(1, 2), envelope, cap)
+        alpha = w / (1 + w.sum(-1, keepdim=True))
+        return alpha.unsqueeze(3) * angle.unsqueeze(1)
+
+    return line_weights, twice_differentiable(line_weights)
+
+
+def line_attention_weights(
+    qk: torch.Tensor,
+    angular: torch.Tensor,
+    envelope: torch.Tensor,
+    angle: torch.Tensor,
+    cap: float,
+    fused: bool = True,
+) -> torch.Tensor:
+    """Line attention's weights times the angle basis, (g, h, m, L + 1, m), for one bucket of blocks:
+    ``α_ab θ_ab,l`` with α the sink softmax over b of the scores ``qk`` (g, h, m, m) plus ``angular``
+    (g, m, h, m), switched off by ``envelope`` (g, 1, m, m); ``angle`` (g, m, L + 1, m)."""
+    plain, op = _line_weights(cap)
+    return op(qk, angular, envelope, angle) if fused and available() else plain(qk, angular, envelope, angle)

@@ -316,12 +316,24 @@ def test_fused_kernels_derivatives_to_second_order(monkeypatch, compiled, device
     compiled and run eagerly, and compiling did not fall back."""
     monkeypatch.setattr(fused._Compiled, "enabled", compiled)
     generator = torch.Generator().manual_seed(0)
-    h, x = torch.randn(7, 6, generator=generator), torch.randn(2, 5, 4, generator=generator)
-    r, w = torch.rand(7, generator=generator) + 0.5, torch.randn(4, generator=generator)
-    h, r, x, w = (t.to(device, torch.float64).requires_grad_() for t in (h, r, x, w))
-    for op, args in [(fused.scaled_swiglu, (h, r)), (lambda x, w: fused.rms_norm(x, w, 1e-3), (x, w))]:
+    shapes = {
+        "h": (7, 6), "r": (7,), "x": (2, 5, 4), "w": (4,),  # scaled_swiglu, rms_norm
+        "qk": (2, 2, 3, 3), "angular": (2, 3, 2, 3), "envelope": (2, 1, 3, 3), "angle": (2, 3, 4, 3),  # line
+    }
+    t = {name: torch.randn(shape, generator=generator) for name, shape in shapes.items()}
+    for name in ("r", "envelope"):
+        t[name] = t[name].abs() + 0.5
+    t = {name: x.to(device, torch.float64).requires_grad_() for name, x in t.items()}
+    cases = [
+        (fused.scaled_swiglu, ("h", "r")),
+        (lambda x, w: fused.rms_norm(x, w, 1e-3), ("x", "w")),
+        (lambda *args: fused.line_attention_weights(*args, cap=2.0), ("qk", "angular", "envelope", "angle")),
+    ]
+    for op, names in cases:
+        args = tuple(t[name] for name in names)
         assert torch.autograd.gradcheck(op, args)
         assert torch.autograd.gradgradcheck(op, args)
+    x, w = t["x"], t["w"]
     assert torch.allclose(fused.rms_norm(x, w, 1e-3), torch.nn.functional.rms_norm(x, (4,), w, 1e-3))
     assert fused.available() == compiled
 

@@ -312,7 +312,7 @@ DEVICES = ["cpu", pytest.param("cuda", marks=NEEDS_CUDA)]
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("compiled", [True, False], ids=["compiled", "eager"])
 def test_fused_kernels_derivatives_to_second_order(monkeypatch, compiled, device):
-    """The fused kernels' hand-written first and second derivatives equal numerical ones (float64), both
+    """The fused kernels' derived first and second derivatives equal numerical ones (float64), both
     compiled and run eagerly, and compiling did not fall back."""
     monkeypatch.setattr(fused._Compiled, "enabled", compiled)
     generator = torch.Generator().manual_seed(0)

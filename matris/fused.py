@@ -64,13 +64,6 @@ def available() -> bool:
     return _Compiled.enabled
 
 
-def _use(fused: bool) -> bool:
-    """Whether to build a fused op: asked for, available, and no Python dispatch mode is active. Under one
-    (a FLOP counter) plain ops run, since the fused ops' backward recomputes the forward's matmuls, which
-    are not model FLOPs."""
-    return fused and available() and _get_current_dispatch_mode() is None
-
-
 def _renamed(function: types.FunctionType, name: str) -> types.FunctionType:
     """``function`` with a code object of its own named ``name``: dynamo keeps its compiled graphs, and
     its limit of eight recompiles, per code object, which closures made by one factory would share."""
@@ -136,7 +129,7 @@ _scaled_swiglu = twice_differentiable(_swiglu_forward)
 def scaled_swiglu(h: torch.Tensor, r: torch.Tensor, fused: bool = True) -> torch.Tensor:
     """``silu(h_g · r) · (h_v · r)`` for ``h = [h_g | h_v]`` (rows, 2H) and a row scale ``r`` (rows,): the
     gated MLP's activation after an RMSNorm folded into its first matmul. ``fused=False``: plain ops."""
-    return _scaled_swiglu(h, r) if _use(fused) else _swiglu_forward(h, r)
+    return _scaled_swiglu(h, r) if fused and available() else _swiglu_forward(h, r)
 
 
 def _rms_norm_forward(x: torch.Tensor, w: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
@@ -148,7 +141,7 @@ _rms_norm = twice_differentiable(_rms_norm_forward)
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, fused: bool = True) -> torch.Tensor:
     """``x / rms(x) · weight`` over the last dimension; ``fused=False``: `torch.nn.functional.rms_norm`."""
-    if _use(fused):
+    if fused and available():
         return _rms_norm(x, weight, x.new_full((), eps))
     return torch.nn.functional.rms_norm(x, x.shape[-1:], weight, eps)
 
@@ -160,36 +153,27 @@ def capped_weights(scores: torch.Tensor, envelope: torch.Tensor, cap: float) -> 
 
 
 @functools.cache
-def _line_attention(cap: float) -> tuple[Kernel, Kernel]:
-    """The plain and the fused form of one bucket of line attention, for one score cap."""
+def _line_weights(cap: float) -> tuple[Kernel, Kernel]:
+    """The plain and the fused form of line attention's weights for one score cap."""
 
-    def line_attention(q, k, v, qa, envelope, angle, angle_v):
-        g, h, m, c = q.shape
-        width = angle.shape[2]
-        angular = (qa.view(g * m, h, width) @ angle.view(g * m, width, m)).view(g, m, h, m)
-        w = capped_weights(q @ k.transpose(2, 3) + angular.transpose(1, 2), envelope, cap)
+    def line_weights(qk, angular, envelope, angle):
+        w = capped_weights(qk + angular.transpose(1, 2), envelope, cap)
         alpha = w / (1 + w.sum(-1, keepdim=True))
-        weights = (alpha.unsqueeze(3) * angle.unsqueeze(1)).view(g, h, m, width * m)
-        return weights @ (angle_v * v.unsqueeze(2)).view(g, h, width * m, c)
+        return alpha.unsqueeze(3) * angle.unsqueeze(1)
 
-    return line_attention, twice_differentiable(line_attention)
+    return line_weights, twice_differentiable(line_weights)
 
 
-def line_attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    qa: torch.Tensor,
+def line_attention_weights(
+    qk: torch.Tensor,
+    angular: torch.Tensor,
     envelope: torch.Tensor,
     angle: torch.Tensor,
-    angle_v: torch.Tensor,
     cap: float,
     fused: bool = True,
 ) -> torch.Tensor:
-    """Messages (g, h, m, c) of one bucket of line-attention blocks, `matris.layers.LineAttention.dense`'s
-    inner loop as one op, its matmuls included: queries, keys and values ``q``, ``k``, ``v`` (g, h, m, c)
-    (q scaled by 1/√c), the queries' angle projection ``qa`` (g·m, h·(L + 1)), ``envelope`` (g, 1, m, m),
-    ``angle`` (g, m, L + 1, m) and the value's angle weights ``angle_v`` (h, L + 1, 1, c)."""
-    plain, op = _line_attention(cap)
-    args = (q, k, v, qa, envelope, angle, angle_v)
-    return op(*args) if _use(fused) else plain(*args)
+    """Line attention's weights times the angle basis, (g, h, m, L + 1, m), for one bucket of blocks:
+    ``α_ab θ_ab,l`` with α the sink softmax over b of the scores ``qk`` (g, h, m, m) plus ``angular``
+    (g, m, h, m), switched off by ``envelope`` (g, 1, m, m); ``angle`` (g, m, L + 1, m)."""
+    plain, op = _line_weights(cap)
+    return op(qk, angular, envelope, angle) if fused and available() else plain(qk, angular, envelope, angle)

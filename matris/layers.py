@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from matris.fused import capped_weights, line_attention, rms_norm
+from matris.fused import capped_weights, line_attention_weights, rms_norm
 
 
 def polynomial_envelope(r: torch.Tensor, cutoff: float, p: int = 5) -> torch.Tensor:
@@ -188,6 +188,10 @@ class LineAttention(nn.Module):
             blocks.shapes, *projections, blocks.envelope, blocks.angle, strict=True
         ):
             q, k, v = (y.view(g, m, h, c).transpose(1, 2) for y in (q, k, v))  # (g, h, m, c)
-            message = line_attention(q, k, v, qa, envelope, angle, angle_v, self.cap, fused=self.training)
-            out.append(message.transpose(1, 2).reshape(g * m, d))
+            angular = (qa.view(g * m, h, width) @ angle.view(g * m, width, m)).view(g, m, h, m)
+            weights = line_attention_weights(
+                q @ k.transpose(2, 3), angular, envelope, angle, self.cap, fused=self.training
+            ).view(g, h, m, width * m)
+            values = (angle_v * v.contiguous().unsqueeze(2)).view(g, h, width * m, c)
+            out.append((weights @ values).transpose(1, 2).reshape(g * m, d))
         return self.out(torch.cat(out))

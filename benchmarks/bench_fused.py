@@ -1,0 +1,159 @@
+"""The fused kernels of `matris.fused` against plain autograd, and what compiling them costs.
+
+    python benchmarks/bench_fused.py [--input FILE] [--repeats 7] [--json PATH]
+
+Per kernel, on the shapes of the issue's batch (the first 32 structures of ``crystals_pbe.extxyz.gz``
+with at least 12 Å³ per atom): forward, backward with ``create_graph=True`` and the double backward,
+the best of ``--repeats``, fused and plain, alternating so that machine drift hits both alike. Then the
+first three training steps of ``matris-6l`` on one 32-atom Cu cell in fresh processes: compiling with an
+empty inductor cache, again with that cache warm, and with ``MATRIS_COMPILE=0``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from bench_model import DATA, MODELS, labelled_batch, select
+from rich.console import Console
+from rich.table import Table
+
+from matris import fused
+from matris.model import triplet_slots
+
+FIRST_STEPS = """
+import time
+from dataclasses import replace
+import numpy as np
+from ase.build import bulk
+from matris import LossConfig, MatRIS, ModelConfig, multitask_loss, predict
+from matris.batch import collate
+from matris.graph import graph_from_atoms
+config = ModelConfig.from_preset("matris-6l")
+atoms = bulk("Cu", "fcc", a=3.6, cubic=True).repeat(2)
+atoms.rattle(0.05, seed=0)
+graph = replace(graph_from_atoms(atoms, config.cutoff), energy=-100.0, forces=np.zeros((32, 3)),
+                stress=np.zeros((3, 3)))
+batch, model = collate([graph]), MatRIS(config)
+for _ in range(3):
+    start = time.perf_counter()
+    loss, _ = multitask_loss(predict(model, batch, training=True), batch, config.tasks, LossConfig())
+    loss.backward()
+    print(time.perf_counter() - start)
+"""
+
+
+def three_levels(op: Callable, inputs: list[torch.Tensor]) -> None:
+    """Forward, backward with ``create_graph=True``, and the backward of the gradients' sum."""
+    inputs = [x.detach().requires_grad_() for x in inputs]
+    out = op(*inputs)
+    grads = torch.autograd.grad(out, inputs, torch.ones_like(out), create_graph=True)
+    sum(g.sum() for g in grads).backward()
+
+
+def best_times(ops: dict[str, Callable], calls: list[list[torch.Tensor]], repeats: int) -> dict[str, float]:
+    """Best time of all ``calls`` per op in ``ops``, the ops alternating within each repeat."""
+    times = {name: [] for name in ops}
+    for repeat in range(repeats + 2):  # two warm-up rounds: compiling, then the allocator
+        for name, op in ops.items():
+            start = time.perf_counter()
+            for inputs in calls:
+                three_levels(op, inputs)
+            if repeat >= 2:
+                times[name].append(time.perf_counter() - start)
+    return {name: min(t) for name, t in times.items()}
+
+
+def kernel_cases(path: Path) -> dict[str, tuple[Callable, Callable, list[list[torch.Tensor]]]]:
+    """Fused op, plain op and inputs of every kernel, shaped as in ``matris-6l`` on the issue's batch."""
+    config = MODELS["matris-6l"]
+    batch = labelled_batch(select(path, 32), config.cutoff)
+    centre, neighbour = batch.edge_index
+    shift = torch.bmm(batch.edge_shift.unsqueeze(1), batch.cell[batch.atom_structure[centre]]).squeeze(1)
+    length = (batch.positions[neighbour] + shift - batch.positions[centre]).norm(dim=-1)
+    _, _, shapes = triplet_slots(batch.edge_index, length, config.three_body_cutoff)
+    edges, d, h = batch.num_edges, config.dim, config.num_heads
+    width, cap, randn = config.num_angular + 1, config.score_cap, torch.randn
+    line = [
+        [randn(g, h, m, m), randn(g, m, h, m), torch.rand(g, 1, m, m), randn(g, m, width, m)]
+        for g, m in shapes
+    ]
+    slots = sum(g * m for g, m in shapes)
+    return {
+        f"bond MLP activation ({edges:,} × {2 * d})": (
+            fused.scaled_swiglu,
+            lambda h, r: fused.scaled_swiglu(h, r, fused=False),
+            [[torch.randn(edges, 2 * d), torch.rand(edges) + 0.5]],
+        ),
+        **{
+            f"RMSNorm ({rows:,} × {d})": (
+                lambda x, w: fused.rms_norm(x, w, 1e-6),
+                lambda x, w: fused.rms_norm(x, w, 1e-6, fused=False),
+                [[torch.randn(rows, d), torch.randn(d)]],
+            )
+            for rows in (edges, slots)
+        },
+        f"line attention weights ({len(shapes)} buckets, {slots:,} slots)": (
+            lambda *a: fused.line_attention_weights(*a, cap=cap),
+            lambda *a: fused.line_attention_weights(*a, cap=cap, fused=False),
+            line,
+        ),
+    }
+
+
+def first_steps(env: dict[str, str]) -> list[float]:
+    done = subprocess.run(
+        [sys.executable, "-c", FIRST_STEPS], env={**os.environ, **env}, capture_output=True, text=True
+    )
+    if done.returncode:
+        raise SystemExit(f"first training steps failed:\n{done.stderr[-3000:]}")
+    return [float(line) for line in done.stdout.split()]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--input", type=Path, default=DATA / "crystals_pbe.extxyz.gz")
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args()
+    if not fused.available():
+        raise SystemExit("MATRIS_COMPILE=0: nothing to compare")
+    console = Console()
+
+    kernels = {}
+    for name, (fused_op, plain_op, calls) in kernel_cases(args.input).items():
+        kernels[name] = best_times({"fused": fused_op, "plain": plain_op}, calls, args.repeats)
+    table = Table(title=f"fwd + bwd + double bwd, best of {args.repeats}, {torch.get_num_threads()} threads")
+    for column in ("kernel", "fused ms", "plain ms", "plain ÷ fused"):
+        table.add_column(column, justify="left" if column == "kernel" else "right")
+    for name, t in kernels.items():
+        ratio = t["plain"] / t["fused"]
+        table.add_row(name, f"{t['fused'] * 1e3:.1f}", f"{t['plain'] * 1e3:.1f}", f"{ratio:.2f}")
+    console.print(table)
+
+    with tempfile.TemporaryDirectory() as cache:
+        steps = {
+            "compiling, empty cache": first_steps({"TORCHINDUCTOR_CACHE_DIR": cache}),
+            "compiling, warm cache": first_steps({"TORCHINDUCTOR_CACHE_DIR": cache}),
+            "plain ops (MATRIS_COMPILE=0)": first_steps({"MATRIS_COMPILE": "0"}),
+        }
+    table = Table(title="first training steps of matris-6l, one 32-atom Cu cell, fresh processes")
+    for column in ("run", "step 1 s", "step 2 s", "step 3 s"):
+        table.add_column(column, justify="left" if column == "run" else "right")
+    for name, times in steps.items():
+        table.add_row(name, *(f"{t:.1f}" for t in times))
+    console.print(table)
+    if args.json:
+        args.json.write_text(json.dumps({"kernels_s": kernels, "first_steps_s": steps}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

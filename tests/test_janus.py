@@ -17,6 +17,7 @@ import sys
 import time
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -129,11 +130,12 @@ _REFERENCES: dict[str, dict[str, Any]] = {}
 
 
 def reference(data: Path, tmp_path: Path, run_steps: int = 3, **train: Any) -> dict[str, Any]:
-    """The single-process run of a configuration (cached per module)."""
+    """The single-process run of a configuration with plain ops (cached per module)."""
     key = json.dumps([str(data), run_steps, train], sort_keys=True)
     if key not in _REFERENCES:
         cfg = config(data, tmp_path / "reference", (1, 1, 1), **train)
-        _REFERENCES[key] = run_layout(cfg, run_steps, tmp_path / "reference.pt")
+        with mock.patch.dict(os.environ, {"MATRIS_COMPILE": "0"}):
+            _REFERENCES[key] = run_layout(cfg, run_steps, tmp_path / "reference.pt")
     return _REFERENCES[key]
 
 
@@ -294,8 +296,9 @@ def test_flop_meter_counts_and_calibrates(small_data):
 # -- layouts against one process -------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("dp", [2, 4])
+@pytest.mark.parametrize("dp", [pytest.param(2, marks=pytest.mark.compiled), 4])
 def test_fsdp_matches_single_process(small_data, tmp_path, dp):
+    """FSDP on 2 and 4 ranks; on 2 with `matris.fused`'s compiled kernels, against plain ops on one."""
     got = run_layout(config(small_data, tmp_path / "run", (dp, 1, 1)), 3, tmp_path / "got.pt")
     assert_same_training(reference(small_data, tmp_path), got)
     record = got["records"][-1]

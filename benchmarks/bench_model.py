@@ -334,8 +334,11 @@ def main(argv: list[str] | None = None) -> int:
     threads = {r["threads"] for r in results.values()}
     devices = ", ".join(sorted({r["device"] for r in results.values()}))
     memory = "torch.cuda.max_memory_allocated" if args.device != "cpu" else "peak RSS"
+    # every model's process inherits LD_PRELOAD: a preloaded allocator (tcmalloc) changes CPU step times
+    report["ld_preload"] = os.environ.get("LD_PRELOAD", "")
+    allocator = Path(report["ld_preload"]).name or "glibc malloc"
     title = (
-        f"training step, float32 on {devices} ({memory}), {os.cpu_count()} cores, torch threads "
+        f"training step, float32 on {devices} ({memory}, {allocator}), {os.cpu_count()} cores, torch threads "
         f"{sorted(threads)}, load average "
         f"{report['load_average_start']:.1f} → {report['load_average_end']:.1f}; "
         f"published MatRIS on {args.pub_structures} structures, the rest on {len(frames)}"

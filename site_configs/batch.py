@@ -46,7 +46,7 @@ from parsl.providers import PBSProProvider, SlurmProvider
 from parsl.providers.cluster_provider import ClusterProvider
 from parsl.providers.errors import ExecutionProviderException
 
-from site_configs.local import python_path_init
+from site_configs.local import environment_exports, python_path_init
 from site_configs.schema import SiteConfig
 
 MPI_LAUNCHER = {"slurm": "srun", "pbs": "mpiexec"}
@@ -153,8 +153,8 @@ def provider(
 def worker_init(site: SiteConfig) -> str:
     """The site's set-up (module loads), then this interpreter's bin directory first on PATH (so a venv made
     on top of the centre's framework module wins over the module's own Python), then the variables."""
-    exports = [f"export {name}={shlex.quote(value)}" for name, value in site.environment.items()]
-    return "\n".join(part for part in (site.worker_init, python_path_init(), *exports) if part)
+    parts = (site.worker_init, python_path_init(), *environment_exports(site))
+    return "\n".join(part for part in parts if part)
 
 
 def block_error_handler(site: SiteConfig):

@@ -35,8 +35,14 @@ def python_path_init() -> str:
     return f"export PATH={shlex.quote(str(Path(sys.executable).parent))}:$PATH"
 
 
+def environment_exports(site: SiteConfig) -> list[str]:
+    """``export NAME=value`` for the site's ``environment``, values quoted so they are never executed."""
+    return [f"export {name}={shlex.quote(value)}" for name, value in site.environment.items()]
+
+
 def parsl_config(site: SiteConfig, run_dir: Path) -> Config:
-    worker_init = "; ".join(part for part in (python_path_init(), site.worker_init) if part)
+    parts = (python_path_init(), site.worker_init, *environment_exports(site))
+    worker_init = "; ".join(part for part in parts if part)
     stages = HighThroughputExecutor(
         label="stages",
         address="127.0.0.1",
@@ -63,7 +69,9 @@ def check(site: SiteConfig, run: Any) -> None:
 
 
 def train_command(site: SiteConfig, nodes: int, ranks_per_node: int, config_file: Path) -> str:
-    return (
+    """torchrun on this machine, after the site's ``environment`` (e.g. ``LD_PRELOAD`` of tcmalloc)."""
+    torchrun = (
         f"{shlex.quote(sys.executable)} -m torch.distributed.run --standalone --nnodes 1 "
         f"--nproc-per-node {ranks_per_node} -m janus.train --config {shlex.quote(str(config_file))}"
     )
+    return "; ".join([*environment_exports(site), torchrun])

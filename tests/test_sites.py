@@ -282,6 +282,28 @@ def test_environment_values_are_quoted_not_executed(tmp_path: Path):
     assert not marker.exists()
 
 
+def test_local_site_exports_its_environment_to_training_and_stage_workers(tmp_path: Path):
+    """The local site's training command and stage workers get ``environment``, quoted, not executed."""
+    from site_configs import local
+
+    marker = tmp_path / "pwned"
+    hostile = f"a'b $(touch {marker}); touch {marker}"
+    site = site_configs.resolve("local", {"environment": {"HOSTILE": hostile, "OMP_NUM_THREADS": "1"}})
+    command = local.train_command(site, 1, 1, tmp_path / "janus.yaml")
+    exports, torchrun = command.rsplit("; ", 1)
+    assert "torch.distributed.run" in torchrun and "--nproc-per-node 1" in torchrun
+    result = subprocess.run(
+        ["bash", "-c", f'{exports}; printf %s "$HOSTILE|$OMP_NUM_THREADS"'], capture_output=True, text=True
+    )
+    assert result.returncode == 0 and result.stdout == f"{hostile}|1"
+    worker_init = local.parsl_config(site, tmp_path).executors[0].provider.worker_init
+    result = subprocess.run(
+        ["bash", "-c", f'{worker_init}; printf %s "$HOSTILE"'], capture_output=True, text=True
+    )
+    assert result.returncode == 0 and result.stdout == hostile
+    assert not marker.exists()
+
+
 def test_run_directory_that_a_batch_script_cannot_carry_is_refused(tmp_path: Path):
     site = site_configs.resolve("local-slurm", {})
     with pytest.raises(ValueError, match="run directory"):

@@ -7,7 +7,9 @@ https://slurm.schedmd.com/sbatch.html and https://slurm.schedmd.com/srun.html).
 The training block is the whole cluster (4 nodes), so every rung of a scaling ladder fits, and blocks do not
 take whole nodes: the one-node stage block and the training block share the machine instead of waiting for
 each other. A non-exclusive block holds one CPU per node, so ``srun`` gets ``--overcommit`` to start up to
-2 ranks per node (tests/slurm/README.md).
+2 ranks per node (tests/slurm/README.md). The four nodes share this machine's cores, so every rank runs one
+OpenMP thread: with torch's default of one per core, two ranks' spin-waiting threads made a 0.2 s step take
+1-12 s, and a scaling ladder's rungs too noisy to judge.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ DEFAULTS = {
     "address": "127.0.0.1",
     "stage_workers": 2,
     "retries": 1,
+    "environment": {"OMP_NUM_THREADS": "1"},
 }
 
 

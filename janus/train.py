@@ -311,6 +311,7 @@ class Trainer:
             "atoms_per_s": atoms / elapsed,
             "peak_memory_bytes": memory,
             "world_size": self.env.world_size,
+            "torch_threads": torch.get_num_threads(),  # oversubscribed cores show here first
             "layout": [self.where.dp_size, self.where.graph_size, self.where.expert_size],
             "peak_memory_bytes_max": int(maxed[0]),
             "flops": flops,

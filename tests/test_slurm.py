@@ -100,6 +100,9 @@ def test_pretrain_trains_on_two_slurm_nodes(slurm_cluster: None, tmp_path: Path)
     assert result.returncode == 0, result.stdout + result.stderr
     assert (run_dir / "eval" / "metrics.json").is_file()
     assert metrics_steps(run_dir) == list(range(1, 7))
+    lines = (run_dir / "train" / "metrics.jsonl").read_text().splitlines()
+    # the site's environment reached the srun-launched ranks: one OpenMP thread each on shared cores
+    assert {json.loads(line)["torch_threads"] for line in lines} == {1}
 
     rows = block_steps(run_dir, "train")
     job, steps = rows[0], rows[1:]

@@ -106,6 +106,11 @@ def kernel_cases(path: Path) -> dict[str, tuple[Callable, Callable, list[list[to
             lambda *a: fused.line_attention_weights(*a, cap=cap, fused=False),
             line,
         ),
+        f"attention messages ({edges:,} edges × {h} heads)": (
+            lambda *a: fused.sink_messages(*a, cap=cap),
+            lambda *a: fused.sink_messages(*a, cap=cap, fused=False),
+            [[randn(edges, h, d // h), randn(edges, h, d // h), randn(edges, h, d // h), torch.rand(edges)]],
+        ),
     }
 
 

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from matris.fused import capped_weights, line_attention_weights, rms_norm
+from matris.fused import line_attention_weights, rms_norm, sink_messages
 
 
 def polynomial_envelope(r: torch.Tensor, cutoff: float, p: int = 5) -> torch.Tensor:
@@ -72,24 +72,26 @@ class GatedMLP(nn.Module):
 
 
 def sink_attention(
-    scores: torch.Tensor,
-    envelope: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
     values: torch.Tensor,
+    envelope: torch.Tensor,
     index: torch.Tensor,
     size: int,
     cap: float,
+    fused: bool = False,
 ) -> torch.Tensor:
     """Per receiving node and head, Σ α v over its incoming edges, smooth at the cutoff.
 
-    ``w = envelope · exp(cap · tanh(score / cap))`` and ``α = w / (1 + Σ_node w)``: scores are bounded so
+    ``w = envelope · exp(cap · tanh(q·k / cap))`` and ``α = w / (1 + Σ_node w)``: scores are bounded so
     ``exp`` cannot overflow, and the constant sink keeps α continuous when an edge's envelope reaches zero.
-    Computed as ``(Σ w v) / (1 + Σ w)``: two scatters and a division per node, not a normaliser gathered
-    to every edge. ``scores`` (edges, h), ``envelope`` (edges,), ``values`` (edges, h, c).
+    Computed as ``(Σ w v) / (1 + Σ w)``: one scatter of ``[w v | w]`` (`matris.fused.sink_messages`) and a
+    division per node, not a normaliser gathered to every edge. ``q``, ``k``, ``values`` (edges, h, c),
+    ``envelope`` (edges,); ``fused``: the compiled kernel (training).
     """
-    w = capped_weights(scores, envelope.unsqueeze(-1), cap)
-    numerator = values.new_zeros(size, *values.shape[1:]).index_add(0, index, w.unsqueeze(-1) * values)
-    denominator = w.new_ones(size, w.shape[1]).index_add(0, index, w)
-    return numerator / denominator.unsqueeze(-1)
+    messages = sink_messages(q, k, values, envelope, cap, fused=fused)
+    summed = messages.new_zeros(size, *messages.shape[1:]).index_add(0, index, messages)
+    return summed[..., :-1] / (1 + summed[..., -1:])
 
 
 class AtomAttention(nn.Module):
@@ -114,7 +116,7 @@ class AtomAttention(nn.Module):
         kv = torch.addmm(F.linear(source, source_w).index_select(0, neighbour), bond, bond_w.T)
         k, v = kv.view(-1, 2, h, d // h).unbind(1)
         q = F.linear(query, self.q.weight / math.sqrt(d // h)).view(n, h, -1).index_select(0, centre)
-        message = sink_attention((q * k).sum(-1), envelope, v, centre, n, self.cap)
+        message = sink_attention(q, k, v, envelope, centre, n, self.cap, fused=self.training)
         return self.out(message.flatten(1))
 
 
@@ -160,10 +162,10 @@ class LineAttention(nn.Module):
         For callers that build the triplet list themselves (`matris.deploy` traces it with symbolic
         sizes, which the data-dependent bucket shapes of `dense` would not allow)."""
         h, e = self.num_heads, bond.shape[0]
-        q = self.q(bond).unflatten(-1, (h, -1))[target]
+        q = (self.q(bond) / math.sqrt(bond.shape[1] // h)).unflatten(-1, (h, -1))[target]
         k = (self.k(bond)[source] + self.angle_k(angle)).unflatten(-1, (h, -1))
         v = (self.v(bond)[source] * self.angle_v(angle)).unflatten(-1, (h, -1))
-        message = sink_attention((q * k).sum(-1) / math.sqrt(q.shape[-1]), envelope, v, target, e, self.cap)
+        message = sink_attention(q, k, v, envelope, target, e, self.cap, fused=self.training)
         return self.out(message.flatten(1))
 
     def dense(self, x: torch.Tensor, blocks: TripletBlocks) -> torch.Tensor:

@@ -319,15 +319,17 @@ def test_fused_kernels_derivatives_to_second_order(monkeypatch, compiled, device
     shapes = {
         "h": (7, 6), "r": (7,), "x": (2, 5, 4), "w": (4,),  # scaled_swiglu, rms_norm
         "qk": (2, 2, 3, 3), "angular": (2, 3, 2, 3), "envelope": (2, 1, 3, 3), "angle": (2, 3, 4, 3),  # line
+        "q": (5, 2, 3), "k": (5, 2, 3), "v": (5, 2, 3), "switch": (5,),  # sink_messages
     }
     t = {name: torch.randn(shape, generator=generator) for name, shape in shapes.items()}
-    for name in ("r", "envelope"):
+    for name in ("r", "envelope", "switch"):
         t[name] = t[name].abs() + 0.5
     t = {name: x.to(device, torch.float64).requires_grad_() for name, x in t.items()}
     cases = [
         (fused.scaled_swiglu, ("h", "r")),
         (lambda x, w: fused.rms_norm(x, w, 1e-3), ("x", "w")),
         (lambda *args: fused.line_attention_weights(*args, cap=2.0), ("qk", "angular", "envelope", "angle")),
+        (lambda *args: fused.sink_messages(*args, cap=2.0), ("q", "k", "v", "switch")),
     ]
     for op, names in cases:
         args = tuple(t[name] for name in names)

@@ -1,0 +1,146 @@
+"""Where the training step of ``matris-6l`` spends its time: each layer's share and FLOP efficiency.
+
+    python benchmarks/bench_layers.py [--input FILE] [--repeats 5] [--json PATH]
+
+On the issue's batch (the first 32 structures of ``crystals_pbe.extxyz.gz`` with at least 12 Å³ per atom),
+every layer of one interaction block runs as in training: forward, the backward to its inputs with
+``create_graph=True`` (what forces do) and the backward of those gradients to the parameters. Inputs are
+random features of the batch's real sizes plus the geometric tensors through which forces flow (angle
+bases, envelopes), so each layer gets exactly the graph shapes of the whole step. Rows are one block's
+layer times six (the block count), the geometry (radial and angle bases of the positions), their sum,
+and the whole step as in ``bench_model.py`` (embedding, readout, loss and optimizer included). In
+isolation a layer differentiates with respect to all its inputs and runs with its own caches, so the sum
+comes out above the whole step: read the shares and the efficiencies, not the sum. FLOPs are
+`torch.utils.flop_counter` matmul FLOPs, efficiency is FLOPs per second over the 4096² fp32 matmul rate
+timed in the same process, as in ``bench_model.py``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import ase.io
+import torch
+from _step_timing import time_steps
+from bench_fused import three_levels
+from bench_model import DATA, MODELS, labelled_batch, matmul_flops_per_s, measure, select
+from rich.console import Console
+from rich.table import Table
+from torch.utils.flop_counter import FlopCounterMode
+
+from matris import MatRIS
+from matris.layers import TripletBlocks
+from matris.properties import inputs
+
+Case = tuple[Callable[..., torch.Tensor], list[torch.Tensor]]
+
+
+def layer_cases(model: MatRIS, frames: list) -> dict[str, Case]:
+    """Op and inputs of each layer of block 0 and of the geometry, on the batch of ``frames``."""
+    config = model.config
+    batch = labelled_batch(frames, config.cutoff)
+    positions, strain = inputs(batch)
+    with torch.no_grad():
+        g, _ = model.geometry(batch, positions, strain)
+    block, t = model.blocks[0], g.triplets
+    atoms, bonds = torch.randn(batch.num_atoms, config.dim), torch.randn(batch.num_edges, config.dim)
+    buckets = len(t.shapes)
+
+    def line_attention(bonds: torch.Tensor, *geometry: torch.Tensor) -> torch.Tensor:
+        blocks = TripletBlocks(t.bonds, t.shapes, list(geometry[buckets:]), list(geometry[:buckets]))
+        update = block.line_attention.dense(block.line_norm(bonds.index_select(0, t.bonds)), blocks)
+        return bonds.index_add(0, t.bonds, update)
+
+    def geometry(positions: torch.Tensor) -> torch.Tensor:
+        g, radial = model.geometry(batch, positions, strain)
+        parts = [radial, g.envelope, *g.triplets.angle, *g.triplets.envelope]
+        return torch.cat([x.flatten() for x in parts])
+
+    return {
+        "bond refinement": (
+            lambda a, b: block.refine_bonds(a, b, g, block.residual_scale[0]),
+            [atoms, bonds],
+        ),
+        f"line attention ({sum(m * m * n for n, m in t.shapes):,} block pairs)": (
+            line_attention,
+            [bonds, *t.angle, *t.envelope],
+        ),
+        "atom attention": (
+            lambda a, b, envelope: block.atom_attention(
+                block.message_norm(a), a, block.bond_norm(b), g.centre, g.neighbour, envelope
+            ),
+            [atoms, bonds, g.envelope],
+        ),
+        "feed-forward (message, update)": (
+            lambda a: block.message(block.message_norm(a)) + block.update(block.update_norm(a)),
+            [atoms],
+        ),
+        "geometry (radial and angle bases)": (geometry, [positions.detach()]),
+    }
+
+
+def count_flops(op: Callable[..., torch.Tensor], tensors: list[torch.Tensor]) -> int:
+    """Matmul FLOPs of ``three_levels``; modules get copies of the inputs, since FlopCounterMode's backward
+    hooks on a module fail when ``autograd.grad`` differentiates with respect to that module's leaf input."""
+    with FlopCounterMode(display=False) as counter:
+        three_levels(lambda *xs: op(*(x.clone() for x in xs)), tensors)
+    return counter.get_total_flops()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--input", type=Path, default=DATA / "crystals_pbe.extxyz.gz")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args()
+    device = torch.device("cpu")
+    frames = select(args.input, 32)
+    config = MODELS["matris-6l"]
+    torch.manual_seed(0)
+    model = MatRIS(config)
+
+    rows = {}
+    for name, (op, tensors) in layer_cases(model, frames).items():
+        times = 1 if name.startswith("geometry") else config.num_blocks
+        timing = time_steps(lambda op=op, tensors=tensors: three_levels(op, tensors), args.repeats, device)
+        rows[name] = {"s": times * timing["step_s"], "flops": times * count_flops(op, tensors)}
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "batch.extxyz"
+        ase.io.write(path, frames, format="extxyz")
+        step = measure("matris-6l", path, args.repeats, device)
+    matmul, _ = matmul_flops_per_s(device)
+    layers = {"s": sum(r["s"] for r in rows.values()), "flops": sum(r["flops"] for r in rows.values())}
+    rows["sum of the rows above"] = layers
+    rows["whole step"] = {"s": step["step_s"], "flops": step["flops"]["total"]}
+
+    table = Table(
+        title=f"matris-6l training step by layer, {step['atoms']} atoms, {step['edges']:,} edges, "
+        f"{torch.get_num_threads()} threads; layers ×{config.num_blocks} blocks, best of {args.repeats}; "
+        f"matmul {matmul / 1e9:.0f} GFLOP/s"
+    )
+    for column in ("layer", "s", "share of layers' time", "GFLOP", "FLOP eff."):
+        table.add_column(column, justify="left" if column == "layer" else "right")
+    for name, r in rows.items():
+        r["share"] = r["s"] / layers["s"]
+        r["flop_efficiency"] = r["flops"] / r["s"] / matmul
+        table.add_row(
+            name,
+            f"{r['s']:.2f}",
+            f"{100 * r['share']:.0f}%",
+            f"{r['flops'] / 1e9:.1f}",
+            f"{100 * r['flop_efficiency']:.0f}%",
+        )
+    Console(width=160).print(table)
+    report = {"matmul_flops_per_s": matmul, "threads": torch.get_num_threads(), "rows": rows}
+    text = json.dumps(report, indent=1)
+    print(text)
+    if args.json:
+        args.json.write_text(text)
+
+
+if __name__ == "__main__":
+    main()

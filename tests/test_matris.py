@@ -331,6 +331,17 @@ def test_fused_kernels_derivatives_to_second_order(monkeypatch, compiled, device
         (lambda *args: fused.line_attention_weights(*args, cap=2.0), ("qk", "angular", "envelope", "angle")),
         (lambda *args: fused.sink_messages(*args, cap=2.0), ("q", "k", "v", "switch")),
     ]
+    # first all three levels at other sizes in float32, as a training step runs them before any check:
+    # kernels compiled for one size, then reused at another, once gave wrong double derivatives
+    other = {
+        "h": (9, 8), "r": (9,), "x": (3, 6, 8), "w": (8,),
+        "qk": (3, 4, 5, 5), "angular": (3, 5, 4, 5), "envelope": (3, 1, 5, 5), "angle": (3, 5, 6, 5),
+        "q": (40, 4, 8), "k": (40, 4, 8), "v": (40, 4, 8), "switch": (40,),
+    }
+    for op, names in cases:
+        inputs = [(torch.rand(other[name], device=device) + 0.5).requires_grad_() for name in names]
+        grads = torch.autograd.grad(op(*inputs).sum(), inputs, create_graph=True)
+        torch.autograd.grad(sum(g.square().sum() for g in grads), inputs)
     for op, names in cases:
         args = tuple(t[name] for name in names)
         assert torch.autograd.gradcheck(op, args)

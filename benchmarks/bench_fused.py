@@ -1,12 +1,13 @@
 """The fused kernels of `matris.fused` against plain autograd, and what compiling them costs.
 
-    python benchmarks/bench_fused.py [--input FILE] [--repeats 7] [--json PATH]
+    python benchmarks/bench_fused.py [--input FILE] [--repeats 7] [--device cpu|cuda] [--json PATH]
 
 Per kernel, on the shapes of the issue's batch (the first 32 structures of ``crystals_pbe.extxyz.gz``
 with at least 12 Å³ per atom): forward, backward with ``create_graph=True`` and the double backward,
 the best of ``--repeats``, fused and plain, alternating so that machine drift hits both alike. Then the
 first three training steps of ``matris-6l`` on one 32-atom Cu cell in fresh processes: compiling with an
-empty inductor cache, again with that cache warm, and with ``MATRIS_COMPILE=0``.
+empty inductor cache, again with that cache warm, and with ``MATRIS_COMPILE=0``. On a GPU (``--device
+cuda``) every timing ends with ``torch.cuda.synchronize``.
 """
 
 from __future__ import annotations
@@ -30,9 +31,11 @@ from matris import fused
 from matris.model import triplet_slots
 
 FIRST_STEPS = """
+import sys
 import time
 from dataclasses import replace
 import numpy as np
+import torch
 from ase.build import bulk
 from matris import LossConfig, MatRIS, ModelConfig, multitask_loss, predict
 from matris.batch import collate
@@ -42,11 +45,14 @@ atoms = bulk("Cu", "fcc", a=3.6, cubic=True).repeat(2)
 atoms.rattle(0.05, seed=0)
 graph = replace(graph_from_atoms(atoms, config.cutoff), energy=-100.0, forces=np.zeros((32, 3)),
                 stress=np.zeros((3, 3)))
-batch, model = collate([graph]), MatRIS(config)
+device = torch.device(sys.argv[1])
+batch, model = collate([graph]).to(device), MatRIS(config).to(device)
 for _ in range(3):
     start = time.perf_counter()
     loss, _ = multitask_loss(predict(model, batch, training=True), batch, config.tasks, LossConfig())
     loss.backward()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
     print(time.perf_counter() - start)
 """
 
@@ -61,18 +67,23 @@ def three_levels(op: Callable, inputs: list[torch.Tensor]) -> None:
 
 def best_times(ops: dict[str, Callable], calls: list[list[torch.Tensor]], repeats: int) -> dict[str, float]:
     """Best time of all ``calls`` per op in ``ops``, the ops alternating within each repeat."""
+    sync = torch.cuda.synchronize if calls[0][0].is_cuda else lambda: None
     times = {name: [] for name in ops}
     for repeat in range(repeats + 2):  # two warm-up rounds: compiling, then the allocator
         for name, op in ops.items():
+            sync()
             start = time.perf_counter()
             for inputs in calls:
                 three_levels(op, inputs)
+            sync()
             if repeat >= 2:
                 times[name].append(time.perf_counter() - start)
     return {name: min(t) for name, t in times.items()}
 
 
-def kernel_cases(path: Path) -> dict[str, tuple[Callable, Callable, list[list[torch.Tensor]]]]:
+def kernel_cases(
+    path: Path, device: torch.device
+) -> dict[str, tuple[Callable, Callable, list[list[torch.Tensor]]]]:
     """Fused op, plain op and inputs of every kernel, shaped as in ``matris-6l`` on the issue's batch."""
     config = MODELS["matris-6l"]
     batch = labelled_batch(select(path, 32), config.cutoff)
@@ -87,7 +98,7 @@ def kernel_cases(path: Path) -> dict[str, tuple[Callable, Callable, list[list[to
         for g, m in shapes
     ]
     slots = sum(g * m for g, m in shapes)
-    return {
+    cases = {
         f"bond MLP activation ({edges:,} × {2 * d})": (
             fused.scaled_swiglu,
             lambda h, r: fused.scaled_swiglu(h, r, fused=False),
@@ -112,11 +123,18 @@ def kernel_cases(path: Path) -> dict[str, tuple[Callable, Callable, list[list[to
             [[randn(edges, h, d // h), randn(edges, h, d // h), randn(edges, h, d // h), torch.rand(edges)]],
         ),
     }
+    return {
+        name: (fused_op, plain_op, [[x.to(device) for x in inputs] for inputs in calls])
+        for name, (fused_op, plain_op, calls) in cases.items()
+    }
 
 
-def first_steps(env: dict[str, str]) -> list[float]:
+def first_steps(env: dict[str, str], device: torch.device) -> list[float]:
     done = subprocess.run(
-        [sys.executable, "-c", FIRST_STEPS], env={**os.environ, **env}, capture_output=True, text=True
+        [sys.executable, "-c", FIRST_STEPS, str(device)],
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
     )
     if done.returncode:
         raise SystemExit(f"first training steps failed:\n{done.stderr[-3000:]}")
@@ -127,16 +145,20 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--input", type=Path, default=DATA / "crystals_pbe.extxyz.gz")
     parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
+    device = torch.device(args.device)
     if not fused.available():
         raise SystemExit("MATRIS_COMPILE=0: nothing to compare")
     console = Console()
 
     kernels = {}
-    for name, (fused_op, plain_op, calls) in kernel_cases(args.input).items():
+    for name, (fused_op, plain_op, calls) in kernel_cases(args.input, device).items():
         kernels[name] = best_times({"fused": fused_op, "plain": plain_op}, calls, args.repeats)
-    table = Table(title=f"fwd + bwd + double bwd, best of {args.repeats}, {torch.get_num_threads()} threads")
+    threads = f"{torch.get_num_threads()} threads"
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else threads
+    table = Table(title=f"fwd + bwd + double bwd, best of {args.repeats}, {where}")
     for column in ("kernel", "fused ms", "plain ms", "plain ÷ fused"):
         table.add_column(column, justify="left" if column == "kernel" else "right")
     for name, t in kernels.items():
@@ -146,11 +168,11 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as cache:
         steps = {
-            "compiling, empty cache": first_steps({"TORCHINDUCTOR_CACHE_DIR": cache}),
-            "compiling, warm cache": first_steps({"TORCHINDUCTOR_CACHE_DIR": cache}),
-            "plain ops (MATRIS_COMPILE=0)": first_steps({"MATRIS_COMPILE": "0"}),
+            "compiling, empty cache": first_steps({"TORCHINDUCTOR_CACHE_DIR": cache}, device),
+            "compiling, warm cache": first_steps({"TORCHINDUCTOR_CACHE_DIR": cache}, device),
+            "plain ops (MATRIS_COMPILE=0)": first_steps({"MATRIS_COMPILE": "0"}, device),
         }
-    table = Table(title="first training steps of matris-6l, one 32-atom Cu cell, fresh processes")
+    table = Table(title=f"first training steps of matris-6l, one 32-atom Cu cell, fresh processes, {where}")
     for column in ("run", "step 1 s", "step 2 s", "step 3 s"):
         table.add_column(column, justify="left" if column == "run" else "right")
     for name, times in steps.items():

@@ -1,6 +1,6 @@
 """Where the training step of ``matris-6l`` spends its time: each layer's share and FLOP efficiency.
 
-    python benchmarks/bench_layers.py [--input FILE] [--repeats 5] [--json PATH]
+    python benchmarks/bench_layers.py [--input FILE] [--repeats 5] [--device cpu|cuda] [--json PATH]
 
 On the issue's batch (the first 32 structures of ``crystals_pbe.extxyz.gz`` with at least 12 Å³ per atom),
 every layer of one interaction block runs as in training: forward, the backward to its inputs with
@@ -12,7 +12,7 @@ and the whole step as in ``bench_model.py`` (embedding, readout, loss and optimi
 isolation a layer differentiates with respect to all its inputs and runs with its own caches, so the sum
 comes out above the whole step: read the shares and the efficiencies, not the sum. FLOPs are
 `torch.utils.flop_counter` matmul FLOPs, efficiency is FLOPs per second over the 4096² fp32 matmul rate
-timed in the same process, as in ``bench_model.py``.
+timed in the same process, as in ``bench_model.py`` (8192² with TF32 off on a GPU).
 """
 
 from __future__ import annotations
@@ -41,13 +41,14 @@ Case = tuple[Callable[..., torch.Tensor], list[torch.Tensor]]
 
 def layer_cases(model: MatRIS, frames: list) -> dict[str, Case]:
     """Op and inputs of each layer of block 0 and of the geometry, on the batch of ``frames``."""
-    config = model.config
-    batch = labelled_batch(frames, config.cutoff)
+    config, device = model.config, next(model.parameters()).device
+    batch = labelled_batch(frames, config.cutoff).to(device)
     positions, strain = inputs(batch)
     with torch.no_grad():
         g, _ = model.geometry(batch, positions, strain)
     block, t = model.blocks[0], g.triplets
-    atoms, bonds = torch.randn(batch.num_atoms, config.dim), torch.randn(batch.num_edges, config.dim)
+    atoms = torch.randn(batch.num_atoms, config.dim, device=device)
+    bonds = torch.randn(batch.num_edges, config.dim, device=device)
     buckets = len(t.shapes)
 
     def line_attention(bonds: torch.Tensor, *geometry: torch.Tensor) -> torch.Tensor:
@@ -95,13 +96,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--input", type=Path, default=DATA / "crystals_pbe.extxyz.gz")
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
-    device = torch.device("cpu")
+    device = torch.device(args.device)
     frames = select(args.input, 32)
     config = MODELS["matris-6l"]
     torch.manual_seed(0)
-    model = MatRIS(config)
+    model = MatRIS(config).to(device)
 
     rows = {}
     for name, (op, tensors) in layer_cases(model, frames).items():
@@ -119,7 +121,8 @@ def main() -> None:
 
     table = Table(
         title=f"matris-6l training step by layer, {step['atoms']} atoms, {step['edges']:,} edges, "
-        f"{torch.get_num_threads()} threads; layers ×{config.num_blocks} blocks, best of {args.repeats}; "
+        f"{step['device']}, {torch.get_num_threads()} threads; layers ×{config.num_blocks} blocks, "
+        f"best of {args.repeats}; "
         f"matmul {matmul / 1e9:.0f} GFLOP/s"
     )
     for column in ("layer", "s", "share of layers' time", "GFLOP", "FLOP eff."):
@@ -135,7 +138,8 @@ def main() -> None:
             f"{100 * r['flop_efficiency']:.0f}%",
         )
     Console(width=160).print(table)
-    report = {"matmul_flops_per_s": matmul, "threads": torch.get_num_threads(), "rows": rows}
+    threads = torch.get_num_threads()
+    report = {"device": step["device"], "matmul_flops_per_s": matmul, "threads": threads, "rows": rows}
     text = json.dumps(report, indent=1)
     print(text)
     if args.json:

@@ -94,7 +94,7 @@ def kernel_cases(
     edges, d, h = batch.num_edges, config.dim, config.num_heads
     width, cap, randn = config.num_angular + 1, config.score_cap, torch.randn
     line = [
-        [randn(g, h, m, m), randn(g, m, h, m), torch.rand(g, 1, m, m), randn(g, m, width, m)]
+        [randn(g, h, m, m), randn(g, m, h, width), torch.rand(g, 1, m, m), randn(g, m, width, m)]
         for g, m in shapes
     ]
     slots = sum(g * m for g, m in shapes)

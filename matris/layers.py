@@ -195,9 +195,8 @@ class LineAttention(nn.Module):
             blocks.shapes, *projections, blocks.envelope, blocks.angle, strict=True
         ):
             q, k, v = (y.view(g, m, h, c).transpose(1, 2) for y in (q, k, v))  # (g, h, m, c)
-            angular = (qa.view(g * m, h, width) @ angle.view(g * m, width, m)).view(g, m, h, m)
             weights = line_attention_weights(
-                q @ k.transpose(2, 3), angular, envelope, angle, self.cap, fused=self.training
+                q @ k.transpose(2, 3), qa.view(g, m, h, width), envelope, angle, self.cap, fused=self.training
             ).view(g, h, m, width * m)
             values = (angle_v * v.contiguous().unsqueeze(2)).view(g, h, width * m, c)
             out.append((weights @ values).transpose(1, 2).reshape(g * m, d))

@@ -318,7 +318,7 @@ def test_fused_kernels_derivatives_to_second_order(monkeypatch, compiled, device
     generator = torch.Generator().manual_seed(0)
     shapes = {
         "h": (7, 6), "r": (7,), "x": (2, 5, 4), "w": (4,),  # scaled_swiglu, rms_norm
-        "qk": (2, 2, 3, 3), "angular": (2, 3, 2, 3), "envelope": (2, 1, 3, 3), "angle": (2, 3, 4, 3),  # line
+        "qk": (2, 2, 3, 3), "qa": (2, 3, 2, 4), "envelope": (2, 1, 3, 3), "angle": (2, 3, 4, 3),  # line
         "q": (5, 2, 3), "k": (5, 2, 3), "v": (5, 2, 3), "switch": (5,),  # sink_messages
     }
     t = {name: torch.randn(shape, generator=generator) for name, shape in shapes.items()}
@@ -328,14 +328,14 @@ def test_fused_kernels_derivatives_to_second_order(monkeypatch, compiled, device
     cases = [
         (fused.scaled_swiglu, ("h", "r")),
         (lambda x, w: fused.rms_norm(x, w, 1e-3), ("x", "w")),
-        (lambda *args: fused.line_attention_weights(*args, cap=2.0), ("qk", "angular", "envelope", "angle")),
+        (lambda *args: fused.line_attention_weights(*args, cap=2.0), ("qk", "qa", "envelope", "angle")),
         (lambda *args: fused.sink_messages(*args, cap=2.0), ("q", "k", "v", "switch")),
     ]
     # first all three levels at other sizes in float32, as a training step runs them before any check:
     # kernels compiled for one size, then reused at another, once gave wrong double derivatives
     other = {
         "h": (9, 8), "r": (9,), "x": (3, 6, 8), "w": (8,),
-        "qk": (3, 4, 5, 5), "angular": (3, 5, 4, 5), "envelope": (3, 1, 5, 5), "angle": (3, 5, 6, 5),
+        "qk": (3, 4, 5, 5), "qa": (3, 5, 4, 6), "envelope": (3, 1, 5, 5), "angle": (3, 5, 6, 5),
         "q": (40, 4, 8), "k": (40, 4, 8), "v": (40, 4, 8), "switch": (40,),
     }
     for op, names in cases:

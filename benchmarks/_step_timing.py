@@ -58,30 +58,48 @@ def time_steps(step: Callable[[], None], steps: int, device: torch.device) -> di
     }
 
 
+MATMULS = ("aten::mm", "aten::addmm", "aten::bmm")
+
+
+def matmul_flops(event: torch.autograd.profiler_util.FunctionEventAvg) -> int:
+    """FLOPs of all calls of a matmul event averaged by input shape (``mm``, ``addmm``, ``bmm``)."""
+    shapes = event.input_shapes[1:] if event.key == "aten::addmm" else event.input_shapes
+    a, b = shapes[0], shapes[1]
+    batch = a[0] if len(a) == 3 else 1
+    return 2 * batch * a[-2] * a[-1] * b[-1] * event.count
+
+
 def profile_step(step: Callable[[], None], device: torch.device, step_s: float) -> dict:
-    """Where one step's time goes: the share in matmul kernels (``mm``, ``addmm``, ``bmm``), against which
-    FLOP efficiency is bounded, and how many ``MulBackward0`` nodes the backward passes run. On a GPU also
-    the kernels launched and their summed time over ``step_s`` (the unprofiled step time): the GPU's busy
-    share, which is low when the host, launching kernels one by one, sets the pace."""
+    """Where one step's time goes: the share in matmul kernels (``mm``, ``addmm``, ``bmm``), and those
+    kernels' own FLOP rate (their FLOPs from the input shapes over their time): FLOP efficiency is bounded
+    by the share times that rate over the reference matmul's. Also how many ``MulBackward0`` nodes the
+    backward passes run. On a GPU also the kernels launched and their summed time over ``step_s`` (the
+    unprofiled step time): the GPU's busy share, which is low when the host, launching kernels one by one,
+    sets the pace."""
     cuda = device.type == "cuda"
     activities = [torch.profiler.ProfilerActivity.CPU] + (
         [torch.profiler.ProfilerActivity.CUDA] if cuda else []
     )
-    with torch.profiler.profile(activities=activities) as profiler:
+    with torch.profiler.profile(activities=activities, record_shapes=True) as profiler:
         step()
-    events = profiler.key_averages()
-    matmuls = [e for e in events if e.key in ("aten::mm", "aten::addmm", "aten::bmm")]
+    events = profiler.key_averages(group_by_input_shape=True)
+    matmuls = [e for e in events if e.key in MATMULS]
+    flops = sum(matmul_flops(e) for e in matmuls)
+    mul_backward = sum(e.count for e in events if e.key == "MulBackward0")
     if not cuda:
-        total = sum(e.self_cpu_time_total for e in events)
+        matmul_us = sum(e.self_cpu_time_total for e in matmuls)
         return {
-            "matmul_time_share": sum(e.self_cpu_time_total for e in matmuls) / total,
-            "mul_backward_nodes": sum(e.count for e in events if e.key == "MulBackward0"),
+            "matmul_time_share": matmul_us / sum(e.self_cpu_time_total for e in events),
+            "matmul_kernel_flops_per_s": flops / matmul_us * 1e6,
+            "mul_backward_nodes": mul_backward,
         }
     kernels = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA]
     total = sum(e.self_device_time_total for e in kernels)
+    matmul_us = sum(e.device_time_total for e in matmuls)
     return {
-        "matmul_time_share": sum(e.device_time_total for e in matmuls) / total,
-        "mul_backward_nodes": sum(e.count for e in events if e.key == "MulBackward0"),
+        "matmul_time_share": matmul_us / total,
+        "matmul_kernel_flops_per_s": flops / matmul_us * 1e6,
+        "mul_backward_nodes": mul_backward,
         "kernels": sum(e.count for e in kernels),
         "gpu_busy": total / 1e6 / step_s,
     }

@@ -17,16 +17,19 @@ have exactly the parameters of the dense 256-wide gated MLP they replace, so ``m
 model with the MoE's active parameter count. FLOPs are ``matris.flops.model_flops`` (matmuls of forward,
 force backward and parameter backward); FLOP efficiency divides FLOPs per second by the FLOPs per second
 of a 4096² fp32 matmul timed in the same process right after the steps. "matmul time" is the share of one
-profiled step (``torch.profiler``) spent in ``mm``/``addmm``/``bmm``: were those kernels as fast as the
-reference matmul, FLOP efficiency would equal it. On a GPU "FP32-peak eff." also divides by the card's FP32
-(non-tensor-core) peak from ``janus.flops.FP32_PEAK``, the measure of the published MatRIS paper, and
-"GPU busy" is the summed kernel time of one profiled step over the step time: low when the host, which
-launches the kernels one by one, sets the pace (every model, peers included, is profiled the same way).
-"CPU s/step" is the process CPU time of the fastest step (all threads) and "CPU FLOP eff." divides FLOPs
-per CPU second by the matmul's FLOPs per CPU second: unlike wall time it does not count the time other
-jobs hold the cores, so it stays meaningful on a shared machine (with 2 threads it includes OpenMP's
-spin-waiting). ``--threads 1`` is the
-robust setting when other jobs run: two OpenMP threads wait for each other at every parallel region.
+profiled step (``torch.profiler``) spent in ``mm``/``addmm``/``bmm``, and "matmul eff." those kernels' own
+FLOP rate (FLOPs from their input shapes over their time) over the reference matmul's (for the peers, the
+reference of ``matris-6l`` in the same run). FLOP efficiency is their product (up to the profiler's
+overhead), and "matmul eff." is what a step of matmuls alone would reach: the batches' matmuls are tall
+and thin, (edges × 128) by (128 × 128), or batched and small, and run below the square reference. On a
+GPU "FP32-peak eff." also divides by the card's FP32 (non-tensor-core) peak from ``janus.flops.FP32_PEAK``,
+the measure of the published MatRIS paper, and "GPU busy" is the summed kernel time of one profiled step
+over the step time: low when the host, which launches the kernels one by one, sets the pace (every model,
+peers included, is profiled the same way). "CPU s/step" is the process CPU time of the fastest step (all
+threads) and "CPU FLOP eff." divides FLOPs per CPU second by the matmul's FLOPs per CPU second: unlike
+wall time it does not count the time other jobs hold the cores, so it stays meaningful on a shared
+machine (with 2 threads it includes OpenMP's spin-waiting). ``--threads 1`` is the robust setting when
+other jobs run: two OpenMP threads wait for each other at every parallel region.
 
 Peers run in their own venv (``--peers-python``) through ``_peers_model.py``: the published MatRIS (PyPI
 ``matris`` 0.1.0, ``num_layers=6``) on the first ``--pub-structures`` structures only, because it needs
@@ -227,6 +230,7 @@ def print_table(console: Console, results: dict[str, dict], title: str) -> None:
         "FP32-peak eff.",
         "GPU busy",
         "matmul time",
+        "matmul eff.",
         "6l ÷ row: atoms/s",
         "6l ÷ row: peak mem",
     )
@@ -243,6 +247,7 @@ def print_table(console: Console, results: dict[str, dict], title: str) -> None:
             None,
         )
         flops = r.get("flops", {}).get("total")
+        reference = r.get("matmul_flops_per_s") or (dense and dense["matmul_flops_per_s"])
         table.add_row(
             key if key in MODELS or key.startswith("matris-6l") else PEERS[key],
             str(r["structures"]),
@@ -264,6 +269,7 @@ def print_table(console: Console, results: dict[str, dict], title: str) -> None:
                     "matmul_time_share",
                 )
             ),
+            percent(reference and r["matmul_kernel_flops_per_s"] / reference),
             fmt(dense and dense["atoms_per_s"] / r["atoms_per_s"], ".2f"),
             fmt(same_batch and same_batch["peak_gb"] / r["peak_gb"], ".2f"),
         )
@@ -295,7 +301,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.worker:
         print(json.dumps(measure(args.worker, args.frames, args.steps, torch.device(args.device))))
         return 0
-    console = Console(width=220)
+    console = Console(width=240)
     if not args.input.is_file():
         console.print(f"[red]error:[/red] input file not found: {args.input}")
         return 1

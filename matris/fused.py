@@ -197,8 +197,8 @@ def line_attention_weights(
     """Line attention's weights times the angle basis, (g, h, m, L + 1, m), for one bucket of blocks:
     ``α_ab θ_ab,l`` with α the sink softmax over b of the scores ``qk`` (g, h, m, m) plus the angular
     scores Σ_l ``qa``_ahl θ_ab,l (``qa`` (g, m, h, L + 1)), switched off by ``envelope`` (g, 1, m, m);
-    ``angle`` (g, m, L + 1, m). The angular scores are formed inside the kernel: as a batched matmul of
-    (h, L + 1) by (L + 1, m) matrices, forward and both backwards, they took half of line attention's time
-    on a CPU, whose batched matmul copies every small operand."""
+    ``angle`` (g, m, L + 1, m). The angular scores are formed here, not as a batched matmul of (h, L + 1)
+    by (L + 1, m) matrices, which a CPU runs one small matrix at a time: line attention alone (three
+    derivative levels) took 13 % less time compiled and 10 % less with plain ops."""
     plain, op = _line_weights(cap)
     return op(qk, qa, envelope, angle) if fused and available() else plain(qk, qa, envelope, angle)

@@ -71,11 +71,11 @@ def matmul_flops(event: torch.autograd.profiler_util.FunctionEventAvg) -> int:
 
 def profile_step(step: Callable[[], None], device: torch.device, step_s: float) -> dict:
     """Where one step's time goes: the share in matmul kernels (``mm``, ``addmm``, ``bmm``), and those
-    kernels' own FLOP rate (their FLOPs from the input shapes over their time): FLOP efficiency is bounded
-    by the share times that rate over the reference matmul's. Also how many ``MulBackward0`` nodes the
-    backward passes run. On a GPU also the kernels launched and their summed time over ``step_s`` (the
-    unprofiled step time): the GPU's busy share, which is low when the host, launching kernels one by one,
-    sets the pace."""
+    kernels' own FLOP rate (their FLOPs from the input shapes over their time): FLOP efficiency is the
+    share times that rate over the reference matmul's (up to the profiler's overhead). Also how many
+    ``MulBackward0`` nodes the backward passes run. On a GPU also the kernels launched and their summed
+    time over ``step_s`` (the unprofiled step time): the GPU's busy share, which is low when the host,
+    launching kernels one by one, sets the pace."""
     cuda = device.type == "cuda"
     activities = [torch.profiler.ProfilerActivity.CPU] + (
         [torch.profiler.ProfilerActivity.CUDA] if cuda else []

@@ -3,7 +3,8 @@ and CHGNet, on one batch of crystals.
 
     python benchmarks/bench_model.py [--input FILE] [--structures 32] [--pub-structures 4] [--steps 3]
                                      [--threads N] [--device cpu|cuda] [--peers-python PATH]
-                                     [--only NAME ...] [--json PATH]
+                                     [--only NAME ...] [--variant KEY=VALUE[,KEY=VALUE] ...]
+                                     [--json PATH]
 
 The batch is the first ``--structures`` structures of ``--input`` with at least 12 Å³ per atom. Every model
 runs in a fresh subprocess, one after the other, so ``ru_maxrss`` is that model's peak and no two models
@@ -35,6 +36,12 @@ Peers run in their own venv (``--peers-python``) through ``_peers_model.py``: th
 ``matris`` 0.1.0, ``num_layers=6``) on the first ``--pub-structures`` structures only, because it needs
 ≈17 GB for 4 of them (throughput is compared per atom, memory against ``matris-6l`` on the same 4), MACE
 (128x0e, max_ell 3, 2 interactions, r_max 6 Å) and CHGNet's architecture on the whole batch.
+
+``--variant`` adds a row of ``matris-6l`` with some `matris.ModelConfig` fields changed, e.g.
+``--variant num_heads=4 --variant three_body_cutoff=1`` (a 1 Å line graph has no triplets: the model
+without line attention), so that what an architecture choice costs or saves is measured beside the
+preset in one run. Values are JSON where they parse as JSON, strings otherwise; the fields are validated
+before any model runs.
 """
 
 from __future__ import annotations
@@ -118,9 +125,24 @@ def active_params(model: MatRIS) -> int:
     return total - experts + experts * config.top_k // config.num_experts
 
 
-def measure(name: str, frames_path: Path, steps: int, device: torch.device) -> dict:
-    """One of our models, in this process: step times, memory, FLOPs and the matmul rate."""
-    config = MODELS[name]
+def variant_config(spec: str) -> ModelConfig:
+    """``matris-6l`` with the fields of ``spec`` ("key=value,key=value") changed, validated."""
+    overrides = {}
+    for item in spec.split(","):
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"--variant {spec!r}: {item!r} is not KEY=VALUE")
+        try:
+            overrides[key.strip()] = json.loads(value)
+        except json.JSONDecodeError:
+            overrides[key.strip()] = value
+    return ModelConfig.model_validate({**MODELS["matris-6l"].model_dump(), **overrides})
+
+
+def measure(name: str, frames_path: Path, steps: int, device: torch.device, variant: str = "") -> dict:
+    """One of our models (``variant``: see `variant_config`), in this process: step times, memory, FLOPs
+    and the matmul rate."""
+    config = variant_config(variant) if variant else MODELS[name]
     batch = labelled_batch(ase.io.read(frames_path, ":", format="extxyz"), config.cutoff).to(device)
     torch.manual_seed(0)
     model = MatRIS(config).to(device)
@@ -288,8 +310,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--peers-python", default="/work/peers-venv/bin/python")
     names = [*MODELS, "matris-6l@pub", *PEERS]
     parser.add_argument("--only", nargs="+", choices=names, default=names, help="run these models only")
+    parser.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE[,KEY=VALUE]",
+        help="also run matris-6l with these ModelConfig fields changed (repeatable)",
+    )
     parser.add_argument("--json", type=Path, help="also write the JSON report here")
     parser.add_argument("--worker", choices=MODELS, help=argparse.SUPPRESS)
+    parser.add_argument("--worker-variant", default="", help=argparse.SUPPRESS)
     parser.add_argument("--frames", type=Path, help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
@@ -299,12 +329,19 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.worker:
-        print(json.dumps(measure(args.worker, args.frames, args.steps, torch.device(args.device))))
+        device = torch.device(args.device)
+        print(json.dumps(measure(args.worker, args.frames, args.steps, device, args.worker_variant)))
         return 0
     console = Console(width=240)
     if not args.input.is_file():
         console.print(f"[red]error:[/red] input file not found: {args.input}")
         return 1
+    for spec in args.variant:
+        try:
+            variant_config(spec)
+        except ValueError as error:  # pydantic's ValidationError included
+            console.print(f"[red]error:[/red] --variant {spec!r}: {error}")
+            return 1
     report: dict = {"cores": os.cpu_count(), "load_average_start": os.getloadavg()[0], "results": {}}
     results = report["results"]
     frames = select(args.input, args.structures)
@@ -313,11 +350,13 @@ def main(argv: list[str] | None = None) -> int:
         ase.io.write(batch_file, frames, format="extxyz")
         ase.io.write(pub_file, frames[: args.pub_structures], format="extxyz")
         common = ["--steps", str(args.steps), "--threads", str(args.threads), "--device", args.device]
-        ours = [(name, name, batch_file) for name in MODELS] + [("matris-6l@pub", "matris-6l", pub_file)]
-        for key, name, path in ours:
-            if key in args.only:
-                command = [sys.executable, __file__, "--worker", name, "--frames", str(path), *common]
-                results[key] = run_json(command, args.threads, console)
+        ours = [(name, name, batch_file, "") for name in MODELS if name in args.only]
+        ours += [(f"matris-6l {spec}", "matris-6l", batch_file, spec) for spec in args.variant]
+        if "matris-6l@pub" in args.only:
+            ours.append(("matris-6l@pub", "matris-6l", pub_file, ""))
+        for key, name, path, spec in ours:
+            command = [sys.executable, __file__, "--worker", name, "--frames", str(path), *common]
+            results[key] = run_json([*command, "--worker-variant", spec], args.threads, console)
         for peer in PEERS:
             if peer not in args.only:
                 continue

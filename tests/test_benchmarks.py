@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -9,7 +12,7 @@ from benchmarks._step_timing import MATMULS, matmul_flops, profile_step
 
 
 def test_matmul_flops_from_profiled_shapes_match_flop_counter():
-    """"matmul eff." divides FLOPs read off the profiler's input shapes by the matmuls' time: for mm,
+    """ "matmul eff." divides FLOPs read off the profiler's input shapes by the matmuls' time: for mm,
     addmm (bias first) and bmm, those FLOPs equal torch's FlopCounterMode, also through autograd."""
     a = torch.randn(37, 16, requires_grad=True)
     w, bias = torch.randn(16, 24, requires_grad=True), torch.randn(24)
@@ -17,7 +20,7 @@ def test_matmul_flops_from_profiled_shapes_match_flop_counter():
 
     def step() -> None:
         y = torch.addmm(bias, a, w) @ w.T  # addmm, mm
-        z = torch.bmm(y[:5 * 7].view(5, 7, 16) @ w, batched)  # matmul as bmm of (5, 7, 16)·(16, 24), bmm
+        z = torch.bmm(y[: 5 * 7].view(5, 7, 16) @ w, batched)  # matmul as bmm of (5, 7, 16)·(16, 24), bmm
         z.sum().backward()
 
     with FlopCounterMode(display=False) as counter:
@@ -30,3 +33,27 @@ def test_matmul_flops_from_profiled_shapes_match_flop_counter():
     report = profile_step(step, torch.device("cpu"), step_s=1.0)
     assert report["matmul_kernel_flops_per_s"] > 0
     assert 0 < report["matmul_time_share"] < 1
+
+
+def test_bench_model_variants_are_validated_before_any_model_runs(monkeypatch, tmp_path, capsys):
+    """``--variant`` changes fields of ``matris-6l``: values parse as JSON, a misspelt field or a bad value
+    stops the run with exit code 1 before a model process starts."""
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from benchmarks import bench_model
+
+    config = bench_model.variant_config("num_heads=4,three_body_cutoff=1")
+    assert (config.num_heads, config.three_body_cutoff) == (4, 1.0)
+    assert config.model_dump(exclude={"num_heads", "three_body_cutoff"}) == bench_model.MODELS[
+        "matris-6l"
+    ].model_dump(exclude={"num_heads", "three_body_cutoff"})
+    with pytest.raises(ValueError, match="not KEY=VALUE"):
+        bench_model.variant_config("num_heads")
+    with pytest.raises(ValueError, match="not divisible"):
+        bench_model.variant_config("num_heads=5")
+
+    started = []
+    monkeypatch.setattr(bench_model, "run_json", lambda *args: started.append(args))
+    data = tmp_path / "frames.extxyz"
+    data.write_text("")
+    assert bench_model.main(["--input", str(data), "--only", "matris-6l", "--variant", "num_head=4"]) == 1
+    assert "num_head" in capsys.readouterr().out and not started

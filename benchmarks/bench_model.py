@@ -256,8 +256,9 @@ def print_table(console: Console, results: dict[str, dict], title: str) -> None:
         "6l ÷ row: atoms/s",
         "6l ÷ row: peak mem",
     )
-    for column in columns:
-        table.add_column(column, justify="left" if column == "model" else "right")
+    table.add_column(columns[0], overflow="fold")  # variants' names are long: wrap, never cut
+    for column in columns[1:]:
+        table.add_column(column, justify="right")
     dense = results.get("matris-6l")
     for key, r in results.items():
         same_batch = next(

@@ -136,7 +136,7 @@ def variant_config(spec: str) -> ModelConfig:
             overrides[key.strip()] = json.loads(value)
         except json.JSONDecodeError:
             overrides[key.strip()] = value
-    return ModelConfig.model_validate({**MODELS["matris-6l"].model_dump(), **overrides})
+    return ModelConfig.from_preset("matris-6l", **overrides)
 
 
 def measure(name: str, frames_path: Path, steps: int, device: torch.device, variant: str = "") -> dict:

@@ -194,10 +194,32 @@ class LineAttention(nn.Module):
         for (g, m), q, k, v, qa, envelope, angle in zip(
             blocks.shapes, *projections, blocks.envelope, blocks.angle, strict=True
         ):
-            q, k, v = (y.view(g, m, h, c).transpose(1, 2) for y in (q, k, v))  # (g, h, m, c)
-            weights = line_attention_weights(
-                q @ k.transpose(2, 3), qa.view(g, m, h, width), envelope, angle, self.cap, fused=self.training
-            ).view(g, h, m, width * m)
-            values = (angle_v * v.contiguous().unsqueeze(2)).view(g, h, width * m, c)
-            out.append((weights @ values).transpose(1, 2).reshape(g * m, d))
+            q, k, v = (y.view(g, m, h, c) for y in (q, k, v))
+            bucket = line_attention_bucket(
+                q, k, v, qa.view(g, m, h, width), envelope, angle, angle_v, self.cap, fused=self.training
+            )
+            out.append(bucket.reshape(g * m, d))
         return self.out(torch.cat(out))
+
+
+def line_attention_bucket(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    qa: torch.Tensor,
+    envelope: torch.Tensor,
+    angle: torch.Tensor,
+    angle_v: torch.Tensor,
+    cap: float,
+    fused: bool = True,
+) -> torch.Tensor:
+    """Line attention's messages (g, m, h, c) for one bucket of g blocks of m slots: ``q``, ``k``, ``v``
+    (g, m, h, c), angular queries ``qa`` (g, m, h, L + 1), ``envelope`` (g, 1, m, m), ``angle``
+    (g, m, L + 1, m) and the value projection of the angle basis ``angle_v`` (h, L + 1, 1, c).
+    ``fused``: the compiled weights kernel of `matris.fused` (training)."""
+    g, m, h, c = q.shape
+    width = angle.shape[2]
+    q, k, v = (y.transpose(1, 2) for y in (q, k, v))  # (g, h, m, c)
+    weights = line_attention_weights(q @ k.transpose(2, 3), qa, envelope, angle, cap, fused=fused)
+    values = (angle_v * v.contiguous().unsqueeze(2)).view(g, h, width * m, c)
+    return (weights.view(g, h, m, width * m) @ values).transpose(1, 2)

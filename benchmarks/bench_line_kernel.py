@@ -1,0 +1,173 @@
+"""A fused C++ line-attention bucket (``line_kernel_prototype.cpp``) against the model's bmm form.
+
+    python benchmarks/bench_line_kernel.py [--input FILE] [--repeats 7] [--json PATH]
+
+The question it answers: does fusing line attention's bucket (scores, sink softmax, α_ab θ̃_ab,l and the
+value sum) into one loop nest per (block, head, row), with nothing of size (g, h, m, L + 1, m) in memory,
+make it several times faster on a CPU, as the 40 % FLOP-efficiency target of ``matris-6l`` needs
+(benchmarks/README.md)? The prototype is compiled on first use (``torch.utils.cpp_extension``, g++ with
+``-O3 -march=native -ffast-math -fopenmp``), checked against `matris.layers.line_attention_bucket` in
+float64 (forward and every input's gradient), then timed on random inputs shaped as the buckets of the
+issue's batch (the first 32 structures of ``crystals_pbe.extxyz.gz`` with at least 12 Å³ per atom), float32:
+the forward (no autograd), and forward plus backward. The model's form runs as in training (the compiled
+weights kernel of `matris.fused`, batched matmuls). Best of ``--repeats``, the two alternating.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from bench_fused import bucket_shapes
+from bench_model import DATA, MODELS, labelled_batch, select
+from rich.console import Console
+from rich.table import Table
+from torch.utils.cpp_extension import load
+
+from matris.layers import line_attention_bucket
+
+SOURCE = Path(__file__).with_name("line_kernel_prototype.cpp")
+FLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp"]
+
+
+def bucket_inputs(g: int, m: int, h: int, c: int, width: int, dtype: torch.dtype, seed: int = 0) -> dict:
+    """Random inputs of one bucket in the model's layout; the envelope is zero on the diagonal."""
+    generator = torch.Generator().manual_seed(seed)
+
+    def randn(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=generator, dtype=dtype)
+
+    envelope = torch.rand(g, 1, m, m, generator=generator, dtype=dtype) * (1 - torch.eye(m, dtype=dtype))
+    return dict(
+        q=randn(g, m, h, c),
+        k=randn(g, m, h, c),
+        v=randn(g, m, h, c),
+        qa=randn(g, m, h, width),
+        envelope=envelope,
+        angle=randn(g, m, width, m),
+        angle_v=randn(h, width, 1, c),
+    )
+
+
+def prototype_args(x: dict) -> list[torch.Tensor]:
+    """The prototype's operands: contiguous, envelope (g, m, m), angle_v (h, L + 1, c)."""
+    return [x["q"], x["k"], x["v"], x["qa"], x["envelope"].squeeze(1), x["angle"], x["angle_v"].squeeze(2)]
+
+
+def check(kernel, cap: float) -> float:
+    """Largest relative difference, float64, of the prototype's output and gradients from the model's."""
+    x = {name: t.requires_grad_() for name, t in bucket_inputs(5, 7, 3, 4, 5, torch.float64).items()}
+    out = line_attention_bucket(**x, cap=cap, fused=False)
+    grad = torch.randn_like(out).contiguous()
+    expected = [out, *torch.autograd.grad(out, list(x.values()), grad)]
+    args = [t.detach() for t in prototype_args(x)]
+    got = [kernel.forward(*args, cap), *kernel.backward(grad, *args, cap)]
+    errors = [
+        (e.reshape(g.shape) - g).abs().max() / e.abs().max() for e, g in zip(expected, got, strict=True)
+    ]
+    return max(errors).item()
+
+
+def best_ms(ops: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
+    """Best time of each op over ``repeats`` rounds, the ops alternating, after one warm-up round."""
+    times = {name: [] for name in ops}
+    for repeat in range(repeats + 1):
+        for name, op in ops.items():
+            start = time.perf_counter()
+            op()
+            if repeat:
+                times[name].append(time.perf_counter() - start)
+    return {name: 1e3 * min(t) for name, t in times.items()}
+
+
+def time_bucket(kernel, x: dict, cap: float, repeats: int) -> dict[str, float]:
+    args = prototype_args(x)
+    grad = torch.randn_like(x["q"])
+
+    def model_forward() -> None:
+        with torch.no_grad():
+            line_attention_bucket(**x, cap=cap)
+
+    def model_backward() -> None:
+        inputs = {name: t.detach().requires_grad_() for name, t in x.items()}
+        torch.autograd.grad(line_attention_bucket(**inputs, cap=cap), list(inputs.values()), grad)
+
+    def prototype_backward() -> None:
+        kernel.forward(*args, cap)
+        kernel.backward(grad, *args, cap)
+
+    forward = best_ms({"model": model_forward, "prototype": lambda: kernel.forward(*args, cap)}, repeats)
+    backward = best_ms({"model": model_backward, "prototype": prototype_backward}, repeats)
+    return {
+        "forward_model_ms": forward["model"],
+        "forward_prototype_ms": forward["prototype"],
+        "fwd_bwd_model_ms": backward["model"],
+        "fwd_bwd_prototype_ms": backward["prototype"],
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--input", type=Path, default=DATA / "crystals_pbe.extxyz.gz")
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args()
+    config = MODELS["matris-6l"]
+    start = time.perf_counter()
+    kernel = load(
+        "matris_line_kernel_prototype", [str(SOURCE)], extra_cflags=FLAGS, extra_ldflags=["-fopenmp"]
+    )
+    build_s = time.perf_counter() - start
+    error = check(kernel, config.score_cap)
+    if error > 1e-10:
+        raise SystemExit(f"{SOURCE.name}: differs from matris.layers.line_attention_bucket by {error:.2e}")
+
+    h, width = config.num_heads, config.num_angular + 1
+    shapes = bucket_shapes(labelled_batch(select(args.input, 32), config.cutoff), config.three_body_cutoff)
+    rows = {}
+    for g, m in shapes:
+        x = bucket_inputs(g, m, h, config.dim // h, width, torch.float32)
+        rows[f"{g} × {m}"] = time_bucket(kernel, x, config.score_cap, args.repeats)
+    rows["all buckets (one block)"] = {
+        key: sum(r[key] for r in rows.values()) for key in next(iter(rows.values()))
+    }
+
+    table = Table(
+        title=f"line attention's bucket, matris-6l (h={h}, c={config.dim // h}, L+1={width}), float32, "
+        f"{torch.get_num_threads()} threads, best of {args.repeats}; prototype equals the model's form to "
+        f"{error:.0e} in float64, built in {build_s:.0f} s"
+    )
+    columns = (
+        "bucket (blocks × size)",
+        "fwd model ms",
+        "fwd prototype ms",
+        "model ÷ prototype",
+        "fwd+bwd model ms",
+        "fwd+bwd prototype ms",
+        "model ÷ prototype ",
+    )
+    for column in columns:
+        table.add_column(column, justify="left" if column.startswith("bucket") else "right")
+    for name, r in rows.items():
+        table.add_row(
+            name,
+            f"{r['forward_model_ms']:.1f}",
+            f"{r['forward_prototype_ms']:.1f}",
+            f"{r['forward_model_ms'] / r['forward_prototype_ms']:.2f}",
+            f"{r['fwd_bwd_model_ms']:.1f}",
+            f"{r['fwd_bwd_prototype_ms']:.1f}",
+            f"{r['fwd_bwd_model_ms'] / r['fwd_bwd_prototype_ms']:.2f}",
+        )
+    Console(width=160).print(table)
+    report = {"max_relative_error_float64": error, "build_s": build_s, "buckets": rows}
+    print(json.dumps(report, indent=1))
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=1))
+
+
+if __name__ == "__main__":
+    main()

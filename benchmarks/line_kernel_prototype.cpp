@@ -1,8 +1,9 @@
-// Prototype of a fused line-attention bucket for the CPU, forward and backward, measured against the
-// model's bmm form by bench_line_kernel.py. Plain loops per (block, head, row), vectorised by the compiler
-// (-O3 -march=native -ffast-math, exp and tanh from glibc's libmvec), nothing of size (g, h, m, L + 1, m)
-// in memory. It is not used by the model: it runs at parity with the bmm form, not the 4x that the 40 %
-// FLOP-efficiency target needs (benchmarks/README.md), and it has no double backward.
+// Prototypes of a fused line-attention bucket for the CPU, measured against the model's bmm form by
+// bench_line_kernel.py; nothing of size (g, h, m, L + 1, m) goes through memory. Not used by the model.
+// - forward, backward: plain loops per (block, head, row), vectorised by the compiler (-O3 -march=native
+//   -ffast-math, exp and tanh from glibc's libmvec). They run at parity with the bmm form or below.
+// - forward_blocked: the forward with AVX2 intrinsics, float32, c = 16 and L + 1 = 8 only, a row's value
+//   sums held in vector registers. No backward and no double backward yet.
 //
 // Loops run per block (g), so each block's outputs are written by one thread; the gradient of the angle
 // projection, shared by all blocks, is summed per thread and then reduced.
@@ -188,6 +189,74 @@ void backward_kernel(const Sizes& n, const T* grad, const T* q, const T* k, cons
   });
 }
 
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+
+extern "C" __m256 _ZGVdN8v_expf(__m256);   // glibc's libmvec, 8 floats at a time
+
+// The forward for float, c = 16 and L + 1 = 8 (matris-6l), blocked by hand for AVX2: per row and head,
+// the 8 × 16 value sums live in 8 vector registers per half of c while the row's m slots stream past,
+// each slot one load of v and 8 broadcast FMAs; the row's angle basis is copied once for all heads.
+void forward_blocked_kernel(const Sizes& n, const float* q, const float* k, const float* v, const float* qa,
+                            const float* env, const float* theta, const float* A, float cap, float* out) {
+  constexpr int64_t c = 16, w = 8;
+  at::parallel_for(0, n.g, 1, [&](int64_t begin, int64_t end) {
+    const int64_t m = n.m, h = n.h, mp = (m + 7) / 8 * 8, nv = mp / 8;
+    std::vector<float> kt(h * c * mp), theta_p(w * mp), env_p(mp), s(mp), P(w * mp);
+    const __m256 two_inv_cap = _mm256_set1_ps(2 / cap), vcap = _mm256_set1_ps(cap);
+    const __m256 one = _mm256_set1_ps(1.0f), two = _mm256_set1_ps(2.0f);
+    for (int64_t gi = begin; gi < end; ++gi) {  // the padding columns (b >= m) of every buffer stay zero
+      for (int64_t b = 0; b < m; ++b)
+        for (int64_t hi = 0; hi < h; ++hi)
+          for (int64_t ci = 0; ci < c; ++ci) kt[(hi * c + ci) * mp + b] = k[((gi * m + b) * h + hi) * c + ci];
+      for (int64_t a = 0; a < m; ++a) {
+        for (int64_t l = 0; l < w; ++l)
+          std::copy_n(theta + ((gi * m + a) * w + l) * m, m, theta_p.data() + l * mp);
+        std::copy_n(env + (gi * m + a) * m, m, env_p.data());
+        for (int64_t hi = 0; hi < h; ++hi) {
+          const float* q_a = q + ((gi * m + a) * h + hi) * c;
+          const float* qa_a = qa + ((gi * m + a) * h + hi) * w;
+          __m256 z = _mm256_setzero_ps();
+          for (int64_t j = 0; j < nv; ++j) {
+            __m256 acc = _mm256_setzero_ps();
+            for (int64_t ci = 0; ci < c; ++ci)
+              acc = _mm256_fmadd_ps(_mm256_set1_ps(q_a[ci]), _mm256_loadu_ps(&kt[(hi * c + ci) * mp + 8 * j]), acc);
+            for (int64_t l = 0; l < w; ++l)
+              acc = _mm256_fmadd_ps(_mm256_set1_ps(qa_a[l]), _mm256_loadu_ps(&theta_p[l * mp + 8 * j]), acc);
+            // tanh(x) = 1 - 2 / (exp(2x) + 1): one exp instead of libmvec's slower tanh
+            const __m256 x2 = _mm256_min_ps(_mm256_mul_ps(acc, two_inv_cap), _mm256_set1_ps(80.0f));
+            const __m256 t = _mm256_sub_ps(one, _mm256_div_ps(two, _mm256_add_ps(_ZGVdN8v_expf(x2), one)));
+            const __m256 weight = _mm256_mul_ps(_mm256_loadu_ps(&env_p[8 * j]), _ZGVdN8v_expf(_mm256_mul_ps(vcap, t)));
+            _mm256_storeu_ps(&s[8 * j], weight);
+            z = _mm256_add_ps(z, weight);
+          }
+          alignas(32) float zs[8];
+          _mm256_store_ps(zs, z);
+          const __m256 inv = _mm256_set1_ps(1 / (1 + zs[0] + zs[1] + zs[2] + zs[3] + zs[4] + zs[5] + zs[6] + zs[7]));
+          for (int64_t j = 0; j < nv; ++j) {
+            const __m256 alpha = _mm256_mul_ps(_mm256_loadu_ps(&s[8 * j]), inv);
+            for (int64_t l = 0; l < w; ++l)
+              _mm256_storeu_ps(&P[l * mp + 8 * j], _mm256_mul_ps(alpha, _mm256_loadu_ps(&theta_p[l * mp + 8 * j])));
+          }
+          const float* Ah = A + hi * w * c;
+          for (int64_t half = 0; half < c; half += 8) {
+            __m256 acc[w];
+            for (int64_t l = 0; l < w; ++l) acc[l] = _mm256_setzero_ps();
+            for (int64_t b = 0; b < m; ++b) {
+              const __m256 vb = _mm256_loadu_ps(v + ((gi * m + b) * h + hi) * c + half);
+              for (int64_t l = 0; l < w; ++l) acc[l] = _mm256_fmadd_ps(_mm256_set1_ps(P[l * mp + b]), vb, acc[l]);
+            }
+            __m256 o = _mm256_setzero_ps();
+            for (int64_t l = 0; l < w; ++l) o = _mm256_fmadd_ps(_mm256_loadu_ps(Ah + l * c + half), acc[l], o);
+            _mm256_storeu_ps(out + ((gi * m + a) * h + hi) * c + half, o);
+          }
+        }
+      }
+    }
+  });
+}
+#endif
+
 Sizes sizes_of(const torch::Tensor& q, const torch::Tensor& qa) {
   return {q.size(0), q.size(1), q.size(2), q.size(3), qa.size(3)};
 }
@@ -202,6 +271,21 @@ torch::Tensor forward(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::
                              A.data_ptr<scalar_t>(), static_cast<scalar_t>(cap), out.data_ptr<scalar_t>());
   });
   return out;
+}
+
+torch::Tensor forward_blocked(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor qa,
+                              torch::Tensor env, torch::Tensor theta, torch::Tensor A, double cap) {
+#if defined(__AVX2__) && defined(__FMA__)
+  const Sizes n = sizes_of(q, qa);
+  TORCH_CHECK(q.scalar_type() == torch::kFloat && n.c == 16 && n.w == 8, "forward_blocked: float, c = 16, L + 1 = 8");
+  auto out = torch::empty_like(q);
+  forward_blocked_kernel(n, q.data_ptr<float>(), k.data_ptr<float>(), v.data_ptr<float>(), qa.data_ptr<float>(),
+                         env.data_ptr<float>(), theta.data_ptr<float>(), A.data_ptr<float>(), static_cast<float>(cap),
+                         out.data_ptr<float>());
+  return out;
+#else
+  TORCH_CHECK(false, "forward_blocked needs AVX2 and FMA");
+#endif
 }
 
 std::vector<torch::Tensor> backward(torch::Tensor grad, torch::Tensor q, torch::Tensor k, torch::Tensor v,
@@ -226,5 +310,6 @@ std::vector<torch::Tensor> backward(torch::Tensor grad, torch::Tensor q, torch::
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("forward", &forward, "fused line-attention bucket, forward (contiguous inputs)");
+  m.def("forward_blocked", &forward_blocked, "the forward blocked by hand for AVX2 (float, c = 16, L + 1 = 8)");
   m.def("backward", &backward, "fused line-attention bucket, backward (contiguous inputs)");
 }

@@ -8,12 +8,12 @@ FLOP-efficiency target of ``matris-6l`` needs (benchmarks/README.md)? Two protot
 (``torch.utils.cpp_extension``, g++ ``-O3 -march=native -ffast-math -fopenmp``): "loops", forward and
 backward as plain loops per (block, head, row) that the compiler vectorises, checked against
 `matris.layers.line_attention_bucket` in float64 (the output and every input's gradient); and "blocked",
-the forward only, written with AVX2 intrinsics so that a row's value sums stay in vector registers (float32,
-16 channels per head, 8 angle channels; x86-64 with glibc), checked in float32. Timed on random inputs
-shaped as the buckets of the issue's batch (the first 32 structures of ``crystals_pbe.extxyz.gz`` with at
-least 12 Å³ per atom), float32: the forward (no autograd), and forward plus backward. The model's form runs
-as in training (the compiled weights kernel of `matris.fused`, batched matmuls). Best of ``--repeats``, the
-forms alternating.
+forward and backward written with AVX2 intrinsics so that a row's value sums stay in vector registers
+(float32, 16 channels per head, 8 angle channels; x86-64 with glibc), checked in float32. Timed on random
+inputs shaped as the buckets of the issue's batch (the first 32 structures of ``crystals_pbe.extxyz.gz``
+with at least 12 Å³ per atom), float32: the forward (no autograd), and forward plus backward. The model's
+form runs as in training (the compiled weights kernel of `matris.fused`, batched matmuls). Best of
+``--repeats``, the forms alternating. Neither prototype has a double backward.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ from matris.layers import line_attention_bucket
 
 SOURCE = Path(__file__).with_name("line_kernel_prototype.cpp")
 FLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp"]
-# the hand-blocked forward needs AVX2 with FMA and glibc's libmvec (its vector exp)
+# the kernels blocked by hand need AVX2 with FMA and glibc's libmvec (its vector exp)
 BLOCKED = platform.machine() == "x86_64" and torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
 
 
@@ -65,22 +65,26 @@ def prototype_args(x: dict) -> list[torch.Tensor]:
 
 
 def check(kernel, cap: float) -> dict[str, float]:
-    """Largest relative differences from the model's form: the loops' output and gradients in float64,
-    the blocked forward (float32 only) in float32."""
-    x = {name: t.requires_grad_() for name, t in bucket_inputs(5, 7, 3, 4, 5, torch.float64).items()}
+    """Largest relative differences from the model's form, output and gradients: the loops' in float64, the
+    blocked kernels' (float32 only) in float32."""
+    errors = {
+        "loops, float64": difference(kernel.forward, kernel.backward, (5, 7, 3, 4, 5), torch.float64, cap)
+    }
+    if BLOCKED:
+        errors["blocked, float32"] = difference(
+            kernel.forward_blocked, kernel.backward_blocked, (6, 11, 8, 16, 8), torch.float32, cap
+        )
+    return errors
+
+
+def difference(forward, backward, sizes: tuple[int, ...], dtype: torch.dtype, cap: float) -> float:
+    x = {name: t.requires_grad_() for name, t in bucket_inputs(*sizes, dtype).items()}
     out = line_attention_bucket(**x, cap=cap, fused=False)
     grad = torch.randn_like(out).contiguous()
     expected = [out, *torch.autograd.grad(out, list(x.values()), grad)]
     args = [t.detach() for t in prototype_args(x)]
-    got = [kernel.forward(*args, cap), *kernel.backward(grad, *args, cap)]
-    errors = {"loops, float64": max(relative_error(e, g) for e, g in zip(expected, got, strict=True))}
-    if BLOCKED:
-        x = bucket_inputs(6, 11, 8, 16, 8, torch.float32)
-        reference = line_attention_bucket(**x, cap=cap, fused=False)
-        errors["blocked forward, float32"] = relative_error(
-            reference, kernel.forward_blocked(*prototype_args(x), cap)
-        )
-    return errors
+    got = [forward(*args, cap), *backward(grad, *args, cap)]
+    return max(relative_error(e, g) for e, g in zip(expected, got, strict=True))
 
 
 def relative_error(expected: torch.Tensor, got: torch.Tensor) -> float:
@@ -100,7 +104,7 @@ def best_ms(ops: dict[str, Callable[[], object]], repeats: int) -> dict[str, flo
 
 
 def time_bucket(kernel, x: dict, cap: float, repeats: int) -> dict[str, float]:
-    """Milliseconds of the forward (model, loops, blocked) and of forward + backward (model, loops)."""
+    """Milliseconds of the forward, and of forward + backward, of each form."""
     args = prototype_args(x)
     grad = torch.randn_like(x["q"])
 
@@ -116,11 +120,17 @@ def time_bucket(kernel, x: dict, cap: float, repeats: int) -> dict[str, float]:
         kernel.forward(*args, cap)
         kernel.backward(grad, *args, cap)
 
+    def blocked_backward() -> None:
+        kernel.forward_blocked(*args, cap)
+        kernel.backward_blocked(grad, *args, cap)
+
     forwards = {"model": model_forward, "loops": lambda: kernel.forward(*args, cap)}
+    backwards = {"model": model_backward, "loops": loops_backward}
     if BLOCKED:
         forwards["blocked"] = lambda: kernel.forward_blocked(*args, cap)
+        backwards["blocked"] = blocked_backward
     forward = best_ms(forwards, repeats)
-    backward = best_ms({"model": model_backward, "loops": loops_backward}, repeats)
+    backward = best_ms(backwards, repeats)
     return {
         **{f"forward_{name}_ms": t for name, t in forward.items()},
         **{f"fwd_bwd_{name}_ms": t for name, t in backward.items()},
@@ -169,13 +179,16 @@ def main() -> None:
         ),
         "fwd+bwd model ms": lambda name, r: f"{r['fwd_bwd_model_ms']:.1f}",
         "fwd+bwd loops ms": lambda name, r: f"{r['fwd_bwd_loops_ms']:.1f}",
-        "model ÷ loops": lambda name, r: f"{r['fwd_bwd_model_ms'] / r['fwd_bwd_loops_ms']:.2f}",
+        "fwd+bwd blocked ms": lambda name, r: f"{r['fwd_bwd_blocked_ms']:.1f}" if BLOCKED else "-",
+        "model ÷ blocked ": lambda name, r: (
+            f"{r['fwd_bwd_model_ms'] / r['fwd_bwd_blocked_ms']:.2f}" if BLOCKED else "-"
+        ),
     }
     for column in columns:
         table.add_column(column, justify="left" if column.startswith("bucket") else "right")
     for name, r in rows.items():
         table.add_row(*(cell(name, r) for cell in columns.values()))
-    Console(width=160).print(table)
+    Console(width=200).print(table)
     report = {"max_relative_errors": errors, "build_s": build_s, "buckets": rows}
     print(json.dumps(report, indent=1))
     if args.json:

@@ -192,65 +192,203 @@ void backward_kernel(const Sizes& n, const T* grad, const T* q, const T* k, cons
 #if defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
 
-extern "C" __m256 _ZGVdN8v_expf(__m256);   // glibc's libmvec, 8 floats at a time
+extern "C" __m256 _ZGVdN8v_expf(__m256);  // glibc's libmvec, 8 floats at a time
 
-// The forward for float, c = 16 and L + 1 = 8 (matris-6l), blocked by hand for AVX2: per row and head,
-// the 8 × 16 value sums live in 8 vector registers per half of c while the row's m slots stream past,
-// each slot one load of v and 8 broadcast FMAs; the row's angle basis is copied once for all heads.
+constexpr int64_t kC = 16, kW = 8;  // the blocked kernels' head width and angle channels (matris-6l)
+
+float hsum(__m256 x) {
+  alignas(32) float lanes[8];
+  _mm256_store_ps(lanes, x);
+  return lanes[0] + lanes[1] + lanes[2] + lanes[3] + lanes[4] + lanes[5] + lanes[6] + lanes[7];
+}
+
+// One row and head: scores against the head's kᵀ (kt_h, (c, mp)) and the row's padded angle basis, then
+// t = tanh(s / cap), e = exp(cap t), α, and P_lb = α_b θ_alb; returns 1 / (1 + Σ_b w_ab). Padding slots
+// have zero envelope, so zero α and P.
+float blocked_weights(int64_t mp, float cap, const float* q_a, const float* qa_a, const float* kt_h,
+                      const float* theta_p, const float* env_p, float* t, float* e, float* alpha, float* P) {
+  const __m256 two_inv_cap = _mm256_set1_ps(2 / cap), vcap = _mm256_set1_ps(cap);
+  const __m256 one = _mm256_set1_ps(1.0f), two = _mm256_set1_ps(2.0f);
+  __m256 z = _mm256_setzero_ps();
+  for (int64_t j = 0; j < mp; j += 8) {
+    __m256 s = _mm256_setzero_ps();
+    for (int64_t ci = 0; ci < kC; ++ci)
+      s = _mm256_fmadd_ps(_mm256_set1_ps(q_a[ci]), _mm256_loadu_ps(kt_h + ci * mp + j), s);
+    for (int64_t l = 0; l < kW; ++l)
+      s = _mm256_fmadd_ps(_mm256_set1_ps(qa_a[l]), _mm256_loadu_ps(theta_p + l * mp + j), s);
+    // tanh(x) = 1 - 2 / (exp(2x) + 1): one exp instead of libmvec's slower tanh
+    const __m256 x2 = _mm256_min_ps(_mm256_mul_ps(s, two_inv_cap), _mm256_set1_ps(80.0f));
+    const __m256 tj = _mm256_sub_ps(one, _mm256_div_ps(two, _mm256_add_ps(_ZGVdN8v_expf(x2), one)));
+    const __m256 ej = _ZGVdN8v_expf(_mm256_mul_ps(vcap, tj));
+    const __m256 w = _mm256_mul_ps(_mm256_loadu_ps(env_p + j), ej);
+    _mm256_storeu_ps(t + j, tj);
+    _mm256_storeu_ps(e + j, ej);
+    _mm256_storeu_ps(alpha + j, w);
+    z = _mm256_add_ps(z, w);
+  }
+  const float inv = 1 / (1 + hsum(z));
+  const __m256 vinv = _mm256_set1_ps(inv);
+  for (int64_t j = 0; j < mp; j += 8) {
+    const __m256 a = _mm256_mul_ps(_mm256_loadu_ps(alpha + j), vinv);
+    _mm256_storeu_ps(alpha + j, a);
+    for (int64_t l = 0; l < kW; ++l)
+      _mm256_storeu_ps(P + l * mp + j, _mm256_mul_ps(a, _mm256_loadu_ps(theta_p + l * mp + j)));
+  }
+  return inv;
+}
+
+// S_l,half = Σ_b P_lb v_b,half for one half (8 channels) of the head: 8 accumulators in registers.
+void blocked_value_sums(int64_t m, int64_t mp, const float* P, const float* v_head, int64_t stride, __m256* S) {
+  for (int64_t l = 0; l < kW; ++l) S[l] = _mm256_setzero_ps();
+  for (int64_t b = 0; b < m; ++b) {
+    const __m256 vb = _mm256_loadu_ps(v_head + b * stride);
+    for (int64_t l = 0; l < kW; ++l) S[l] = _mm256_fmadd_ps(_mm256_set1_ps(P[l * mp + b]), vb, S[l]);
+  }
+}
+
+// Per block: kᵀ (and vᵀ) of every head, padded to mp columns; per row: the angle basis and envelope padded.
+struct BlockedBuffers {
+  int64_t m, mp;
+  std::vector<float> kt, vt, theta_p, env_p, t, e, alpha, P;
+  BlockedBuffers(const Sizes& n)
+      : m(n.m), mp((n.m + 7) / 8 * 8), kt(n.h * kC * mp), vt(n.h * kC * mp), theta_p(kW * mp), env_p(mp),
+        t(mp), e(mp), alpha(mp), P(kW * mp) {}  // padding columns are zero and stay zero
+  void transpose(const Sizes& n, const float* x, int64_t gi, std::vector<float>& xt) {
+    for (int64_t b = 0; b < m; ++b)
+      for (int64_t hi = 0; hi < n.h; ++hi)
+        for (int64_t ci = 0; ci < kC; ++ci) xt[(hi * kC + ci) * mp + b] = x[((gi * m + b) * n.h + hi) * kC + ci];
+  }
+  void load_row(const float* theta, const float* env, int64_t gi, int64_t a) {
+    for (int64_t l = 0; l < kW; ++l) std::copy_n(theta + ((gi * m + a) * kW + l) * m, m, theta_p.data() + l * mp);
+    std::copy_n(env + (gi * m + a) * m, m, env_p.data());
+  }
+};
+
+// The forward for float, c = 16 and L + 1 = 8, blocked by hand for AVX2.
 void forward_blocked_kernel(const Sizes& n, const float* q, const float* k, const float* v, const float* qa,
                             const float* env, const float* theta, const float* A, float cap, float* out) {
-  constexpr int64_t c = 16, w = 8;
   at::parallel_for(0, n.g, 1, [&](int64_t begin, int64_t end) {
-    const int64_t m = n.m, h = n.h, mp = (m + 7) / 8 * 8, nv = mp / 8;
-    std::vector<float> kt(h * c * mp), theta_p(w * mp), env_p(mp), s(mp), P(w * mp);
-    const __m256 two_inv_cap = _mm256_set1_ps(2 / cap), vcap = _mm256_set1_ps(cap);
-    const __m256 one = _mm256_set1_ps(1.0f), two = _mm256_set1_ps(2.0f);
-    for (int64_t gi = begin; gi < end; ++gi) {  // the padding columns (b >= m) of every buffer stay zero
-      for (int64_t b = 0; b < m; ++b)
-        for (int64_t hi = 0; hi < h; ++hi)
-          for (int64_t ci = 0; ci < c; ++ci) kt[(hi * c + ci) * mp + b] = k[((gi * m + b) * h + hi) * c + ci];
+    const int64_t m = n.m, h = n.h, stride = h * kC;
+    BlockedBuffers buf(n);
+    for (int64_t gi = begin; gi < end; ++gi) {
+      buf.transpose(n, k, gi, buf.kt);
       for (int64_t a = 0; a < m; ++a) {
-        for (int64_t l = 0; l < w; ++l)
-          std::copy_n(theta + ((gi * m + a) * w + l) * m, m, theta_p.data() + l * mp);
-        std::copy_n(env + (gi * m + a) * m, m, env_p.data());
+        buf.load_row(theta, env, gi, a);
         for (int64_t hi = 0; hi < h; ++hi) {
-          const float* q_a = q + ((gi * m + a) * h + hi) * c;
-          const float* qa_a = qa + ((gi * m + a) * h + hi) * w;
-          __m256 z = _mm256_setzero_ps();
-          for (int64_t j = 0; j < nv; ++j) {
-            __m256 acc = _mm256_setzero_ps();
-            for (int64_t ci = 0; ci < c; ++ci)
-              acc = _mm256_fmadd_ps(_mm256_set1_ps(q_a[ci]), _mm256_loadu_ps(&kt[(hi * c + ci) * mp + 8 * j]), acc);
-            for (int64_t l = 0; l < w; ++l)
-              acc = _mm256_fmadd_ps(_mm256_set1_ps(qa_a[l]), _mm256_loadu_ps(&theta_p[l * mp + 8 * j]), acc);
-            // tanh(x) = 1 - 2 / (exp(2x) + 1): one exp instead of libmvec's slower tanh
-            const __m256 x2 = _mm256_min_ps(_mm256_mul_ps(acc, two_inv_cap), _mm256_set1_ps(80.0f));
-            const __m256 t = _mm256_sub_ps(one, _mm256_div_ps(two, _mm256_add_ps(_ZGVdN8v_expf(x2), one)));
-            const __m256 weight = _mm256_mul_ps(_mm256_loadu_ps(&env_p[8 * j]), _ZGVdN8v_expf(_mm256_mul_ps(vcap, t)));
-            _mm256_storeu_ps(&s[8 * j], weight);
-            z = _mm256_add_ps(z, weight);
-          }
-          alignas(32) float zs[8];
-          _mm256_store_ps(zs, z);
-          const __m256 inv = _mm256_set1_ps(1 / (1 + zs[0] + zs[1] + zs[2] + zs[3] + zs[4] + zs[5] + zs[6] + zs[7]));
-          for (int64_t j = 0; j < nv; ++j) {
-            const __m256 alpha = _mm256_mul_ps(_mm256_loadu_ps(&s[8 * j]), inv);
-            for (int64_t l = 0; l < w; ++l)
-              _mm256_storeu_ps(&P[l * mp + 8 * j], _mm256_mul_ps(alpha, _mm256_loadu_ps(&theta_p[l * mp + 8 * j])));
-          }
-          const float* Ah = A + hi * w * c;
-          for (int64_t half = 0; half < c; half += 8) {
-            __m256 acc[w];
-            for (int64_t l = 0; l < w; ++l) acc[l] = _mm256_setzero_ps();
-            for (int64_t b = 0; b < m; ++b) {
-              const __m256 vb = _mm256_loadu_ps(v + ((gi * m + b) * h + hi) * c + half);
-              for (int64_t l = 0; l < w; ++l) acc[l] = _mm256_fmadd_ps(_mm256_set1_ps(P[l * mp + b]), vb, acc[l]);
-            }
+          const int64_t row = ((gi * m + a) * h + hi) * kC;
+          blocked_weights(buf.mp, cap, q + row, qa + ((gi * m + a) * h + hi) * kW, buf.kt.data() + hi * kC * buf.mp,
+                          buf.theta_p.data(), buf.env_p.data(), buf.t.data(), buf.e.data(), buf.alpha.data(),
+                          buf.P.data());
+          for (int64_t half = 0; half < kC; half += 8) {
+            __m256 S[kW];
+            blocked_value_sums(m, buf.mp, buf.P.data(), v + (gi * m * h + hi) * kC + half, stride, S);
             __m256 o = _mm256_setzero_ps();
-            for (int64_t l = 0; l < w; ++l) o = _mm256_fmadd_ps(_mm256_loadu_ps(Ah + l * c + half), acc[l], o);
-            _mm256_storeu_ps(out + ((gi * m + a) * h + hi) * c + half, o);
+            for (int64_t l = 0; l < kW; ++l)
+              o = _mm256_fmadd_ps(_mm256_loadu_ps(A + (hi * kW + l) * kC + half), S[l], o);
+            _mm256_storeu_ps(out + row + half, o);
           }
         }
+      }
+    }
+  });
+}
+
+// The backward for float, c = 16 and L + 1 = 8, blocked the same way (gradients as in backward_kernel).
+void backward_blocked_kernel(const Sizes& n, const float* grad, const float* q, const float* k, const float* v,
+                             const float* qa, const float* env, const float* theta, const float* A, float cap,
+                             float* gq, float* gk, float* gv, float* gqa, float* genv, float* gtheta,
+                             float* gA_threads) {
+  at::parallel_for(0, n.g, 1, [&](int64_t begin, int64_t end) {
+    const int64_t m = n.m, h = n.h, stride = h * kC;
+    float* gA = gA_threads + at::get_thread_num() * h * kW * kC;
+    BlockedBuffers buf(n);
+    const int64_t mp = buf.mp;
+    std::vector<float> GA(kW * kC), galpha(mp), gs(mp), gtheta_p(kW * mp), genv_p(mp);
+    for (int64_t gi = begin; gi < end; ++gi) {
+      buf.transpose(n, k, gi, buf.kt);
+      buf.transpose(n, v, gi, buf.vt);
+      for (int64_t a = 0; a < m; ++a) {
+        buf.load_row(theta, env, gi, a);
+        std::fill(gtheta_p.begin(), gtheta_p.end(), 0.0f);
+        std::fill(genv_p.begin(), genv_p.end(), 0.0f);
+        for (int64_t hi = 0; hi < h; ++hi) {
+          const int64_t row = ((gi * m + a) * h + hi) * kC, qa_row = ((gi * m + a) * h + hi) * kW;
+          const int64_t head = (gi * m * h + hi) * kC;  // element (gi, 0, hi, 0)
+          const float inv = blocked_weights(mp, cap, q + row, qa + qa_row, buf.kt.data() + hi * kC * mp,
+                                            buf.theta_p.data(), buf.env_p.data(), buf.t.data(), buf.e.data(),
+                                            buf.alpha.data(), buf.P.data());
+          // ∂/∂A_lc += G_ac S_lc; GA_lc = A_lc G_ac
+          for (int64_t half = 0; half < kC; half += 8) {
+            __m256 S[kW];
+            blocked_value_sums(m, mp, buf.P.data(), v + head + half, stride, S);
+            const __m256 G = _mm256_loadu_ps(grad + row + half);
+            for (int64_t l = 0; l < kW; ++l) {
+              float* gAl = gA + (hi * kW + l) * kC + half;
+              _mm256_storeu_ps(gAl, _mm256_fmadd_ps(G, S[l], _mm256_loadu_ps(gAl)));
+              _mm256_storeu_ps(&GA[l * kC + half], _mm256_mul_ps(_mm256_loadu_ps(A + (hi * kW + l) * kC + half), G));
+            }
+          }
+          // D_lb = Σ_c GA_lc v_bc; ∂/∂α_b = Σ_l θ_alb D_lb; ∂/∂θ_alb += α_b D_lb
+          __m256 dot = _mm256_setzero_ps();
+          for (int64_t j = 0; j < mp; j += 8) {
+            __m256 D[kW];
+            for (int64_t l = 0; l < kW; ++l) D[l] = _mm256_setzero_ps();
+            for (int64_t ci = 0; ci < kC; ++ci) {
+              const __m256 vc = _mm256_loadu_ps(buf.vt.data() + (hi * kC + ci) * mp + j);
+              for (int64_t l = 0; l < kW; ++l) D[l] = _mm256_fmadd_ps(_mm256_set1_ps(GA[l * kC + ci]), vc, D[l]);
+            }
+            const __m256 alpha = _mm256_loadu_ps(buf.alpha.data() + j);
+            __m256 ga = _mm256_setzero_ps();
+            for (int64_t l = 0; l < kW; ++l) {
+              ga = _mm256_fmadd_ps(_mm256_loadu_ps(buf.theta_p.data() + l * mp + j), D[l], ga);
+              float* gt = gtheta_p.data() + l * mp + j;
+              _mm256_storeu_ps(gt, _mm256_fmadd_ps(alpha, D[l], _mm256_loadu_ps(gt)));
+            }
+            _mm256_storeu_ps(galpha.data() + j, ga);
+            dot = _mm256_fmadd_ps(ga, alpha, dot);
+          }
+          // ∂/∂v_bc += Σ_l P_lb GA_lc
+          for (int64_t b = 0; b < m; ++b)
+            for (int64_t half = 0; half < kC; half += 8) {
+              float* gvb = gv + head + b * stride + half;
+              __m256 acc = _mm256_loadu_ps(gvb);
+              for (int64_t l = 0; l < kW; ++l)
+                acc = _mm256_fmadd_ps(_mm256_set1_ps(buf.P[l * mp + b]), _mm256_loadu_ps(&GA[l * kC + half]), acc);
+              _mm256_storeu_ps(gvb, acc);
+            }
+          // through the sink softmax and the capped exponential
+          const __m256 vdot = _mm256_set1_ps(hsum(dot)), vinv = _mm256_set1_ps(inv), one = _mm256_set1_ps(1.0f);
+          __m256 gqa_acc[kW];
+          for (int64_t l = 0; l < kW; ++l) gqa_acc[l] = _mm256_setzero_ps();
+          for (int64_t j = 0; j < mp; j += 8) {
+            const __m256 e = _mm256_loadu_ps(buf.e.data() + j), t = _mm256_loadu_ps(buf.t.data() + j);
+            const __m256 gw = _mm256_mul_ps(_mm256_sub_ps(_mm256_loadu_ps(galpha.data() + j), vdot), vinv);
+            _mm256_storeu_ps(genv_p.data() + j, _mm256_fmadd_ps(gw, e, _mm256_loadu_ps(genv_p.data() + j)));
+            const __m256 g = _mm256_mul_ps(_mm256_mul_ps(gw, _mm256_loadu_ps(buf.env_p.data() + j)),
+                                           _mm256_mul_ps(e, _mm256_fnmadd_ps(t, t, one)));
+            _mm256_storeu_ps(gs.data() + j, g);
+            for (int64_t l = 0; l < kW; ++l) {
+              gqa_acc[l] = _mm256_fmadd_ps(g, _mm256_loadu_ps(buf.theta_p.data() + l * mp + j), gqa_acc[l]);
+              float* gt = gtheta_p.data() + l * mp + j;
+              _mm256_storeu_ps(gt, _mm256_fmadd_ps(g, _mm256_set1_ps(qa[qa_row + l]), _mm256_loadu_ps(gt)));
+            }
+          }
+          for (int64_t l = 0; l < kW; ++l) gqa[qa_row + l] = hsum(gqa_acc[l]);
+          // ∂/∂q_a = Σ_b gs_b k_b; ∂/∂k_b += gs_b q_a
+          for (int64_t half = 0; half < kC; half += 8) {
+            const __m256 qh = _mm256_loadu_ps(q + row + half);
+            __m256 acc = _mm256_setzero_ps();
+            for (int64_t b = 0; b < m; ++b) {
+              const __m256 g = _mm256_set1_ps(gs[b]);
+              acc = _mm256_fmadd_ps(g, _mm256_loadu_ps(k + head + b * stride + half), acc);
+              float* gkb = gk + head + b * stride + half;
+              _mm256_storeu_ps(gkb, _mm256_fmadd_ps(g, qh, _mm256_loadu_ps(gkb)));
+            }
+            _mm256_storeu_ps(gq + row + half, acc);
+          }
+        }
+        for (int64_t l = 0; l < kW; ++l) std::copy_n(gtheta_p.data() + l * mp, m, gtheta + ((gi * m + a) * kW + l) * m);
+        std::copy_n(genv_p.data(), m, genv + (gi * m + a) * m);
       }
     }
   });
@@ -277,7 +415,7 @@ torch::Tensor forward_blocked(torch::Tensor q, torch::Tensor k, torch::Tensor v,
                               torch::Tensor env, torch::Tensor theta, torch::Tensor A, double cap) {
 #if defined(__AVX2__) && defined(__FMA__)
   const Sizes n = sizes_of(q, qa);
-  TORCH_CHECK(q.scalar_type() == torch::kFloat && n.c == 16 && n.w == 8, "forward_blocked: float, c = 16, L + 1 = 8");
+  TORCH_CHECK(q.scalar_type() == torch::kFloat && n.c == kC && n.w == kW, "forward_blocked: float, c = 16, L + 1 = 8");
   auto out = torch::empty_like(q);
   forward_blocked_kernel(n, q.data_ptr<float>(), k.data_ptr<float>(), v.data_ptr<float>(), qa.data_ptr<float>(),
                          env.data_ptr<float>(), theta.data_ptr<float>(), A.data_ptr<float>(), static_cast<float>(cap),
@@ -285,6 +423,25 @@ torch::Tensor forward_blocked(torch::Tensor q, torch::Tensor k, torch::Tensor v,
   return out;
 #else
   TORCH_CHECK(false, "forward_blocked needs AVX2 and FMA");
+#endif
+}
+
+std::vector<torch::Tensor> backward_blocked(torch::Tensor grad, torch::Tensor q, torch::Tensor k,
+                                            torch::Tensor v, torch::Tensor qa, torch::Tensor env,
+                                            torch::Tensor theta, torch::Tensor A, double cap) {
+#if defined(__AVX2__) && defined(__FMA__)
+  const Sizes n = sizes_of(q, qa);
+  TORCH_CHECK(q.scalar_type() == torch::kFloat && n.c == kC && n.w == kW, "backward_blocked: float, c = 16, L + 1 = 8");
+  auto gq = torch::empty_like(q), gk = torch::zeros_like(k), gv = torch::zeros_like(v);
+  auto gqa = torch::empty_like(qa), genv = torch::empty_like(env), gtheta = torch::empty_like(theta);
+  auto gA = torch::zeros({at::get_num_threads(), n.h, n.w, n.c}, A.options());
+  backward_blocked_kernel(n, grad.data_ptr<float>(), q.data_ptr<float>(), k.data_ptr<float>(), v.data_ptr<float>(),
+                          qa.data_ptr<float>(), env.data_ptr<float>(), theta.data_ptr<float>(), A.data_ptr<float>(),
+                          static_cast<float>(cap), gq.data_ptr<float>(), gk.data_ptr<float>(), gv.data_ptr<float>(),
+                          gqa.data_ptr<float>(), genv.data_ptr<float>(), gtheta.data_ptr<float>(), gA.data_ptr<float>());
+  return {gq, gk, gv, gqa, genv, gtheta, gA.sum(0)};
+#else
+  TORCH_CHECK(false, "backward_blocked needs AVX2 and FMA");
 #endif
 }
 
@@ -311,5 +468,6 @@ std::vector<torch::Tensor> backward(torch::Tensor grad, torch::Tensor q, torch::
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("forward", &forward, "fused line-attention bucket, forward (contiguous inputs)");
   m.def("forward_blocked", &forward_blocked, "the forward blocked by hand for AVX2 (float, c = 16, L + 1 = 8)");
+  m.def("backward_blocked", &backward_blocked, "the backward blocked by hand for AVX2 (float, c = 16, L + 1 = 8)");
   m.def("backward", &backward, "fused line-attention bucket, backward (contiguous inputs)");
 }

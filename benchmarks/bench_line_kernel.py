@@ -60,8 +60,18 @@ def bucket_inputs(g: int, m: int, h: int, c: int, width: int, dtype: torch.dtype
 
 
 def prototype_args(x: dict) -> list[torch.Tensor]:
-    """The prototype's operands: contiguous, envelope (g, m, m), angle_v (h, L + 1, c)."""
-    return [x["q"], x["k"], x["v"], x["qa"], x["envelope"].squeeze(1), x["angle"], x["angle_v"].squeeze(2)]
+    """The prototype's operands, envelope (g, m, m) and angle_v (h, L + 1, c), made contiguous: the
+    kernels index raw data pointers and would read a strided tensor wrongly."""
+    operands = [
+        x["q"],
+        x["k"],
+        x["v"],
+        x["qa"],
+        x["envelope"].squeeze(1),
+        x["angle"],
+        x["angle_v"].squeeze(2),
+    ]
+    return [t.contiguous() for t in operands]
 
 
 def check(kernel, cap: float) -> dict[str, float]:
@@ -106,7 +116,7 @@ def best_ms(ops: dict[str, Callable[[], object]], repeats: int) -> dict[str, flo
 def time_bucket(kernel, x: dict, cap: float, repeats: int) -> dict[str, float]:
     """Milliseconds of the forward, and of forward + backward, of each form."""
     args = prototype_args(x)
-    grad = torch.randn_like(x["q"])
+    grad = torch.randn_like(x["q"]).contiguous()
 
     def model_forward() -> None:
         with torch.no_grad():

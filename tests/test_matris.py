@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
+import platform
 import time
 
 import numpy as np
@@ -14,12 +16,12 @@ from ase.calculators.calculator import PropertyNotImplementedError
 from ase.calculators.fd import calculate_numerical_forces, calculate_numerical_stress
 
 import matris
-from matris import fused
+from matris import fused, line_kernel
 from matris.batch import collate
 from matris.config import LossConfig, ModelConfig
 from matris.flops import model_flops
 from matris.graph import graph_from_atoms
-from matris.layers import GatedMLP
+from matris.layers import GatedMLP, line_attention_bucket
 from matris.loss import multitask_loss
 from matris.model import MatRIS, line_graph
 from matris.moe import Experts, MoE
@@ -389,6 +391,100 @@ def test_training_with_fused_kernels_equals_plain_ops(device):
         assert (a is None) == (b is None)
         if a is not None:
             torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+
+
+NEEDS_AVX2 = pytest.mark.skipif(
+    not (platform.machine() == "x86_64" and torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")),
+    reason="the line-attention kernel needs x86-64 with AVX2",
+)
+
+
+def bucket_operands(g: int, m: int, h: int, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Random float32 operands of one line-attention bucket with the kernel's 16 channels per head and 8
+    angle channels; the envelope is zero on the diagonal, as in `matris.layers.TripletBlocks`."""
+    generator = torch.Generator().manual_seed(seed)
+
+    def randn(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=generator).requires_grad_()
+
+    envelope = torch.rand(g, 1, m, m, generator=generator) * (1 - torch.eye(m))
+    return dict(
+        q=randn(g, m, h, 16),
+        k=randn(g, m, h, 16),
+        v=randn(g, m, h, 16),
+        qa=randn(g, m, h, 8),
+        envelope=envelope.requires_grad_(),
+        angle=randn(g, m, 8, m),
+        angle_v=randn(h, 8, 1, 16),
+    )
+
+
+@NEEDS_AVX2
+def test_line_kernel_equals_bmm_form_to_second_order():
+    """The C++ op's output, its seven gradients and the second derivatives of a loss on them (what a force
+    loss takes) equal the plain bmm form's, in float32."""
+    x = bucket_operands(5, 11, 3)
+    assert line_kernel.applies(x["q"], x["qa"])  # builds the extension: a failed build fails here
+    grad = torch.randn(5, 11, 3, 16, generator=torch.Generator().manual_seed(1)).requires_grad_()
+    results = []
+    for bucket in (line_kernel.line_attention, functools.partial(line_attention_bucket, fused=False)):
+        out = bucket(**x, cap=2.0)
+        first = torch.autograd.grad(out, list(x.values()), grad, create_graph=True)
+        loss = sum((f * torch.cos(f)).sum() for f in first) + out.square().sum()
+        results.append([out, *first, *torch.autograd.grad(loss, [grad, *x.values()])])
+    for got, expected in zip(*results, strict=True):
+        assert (got - expected).abs().max() <= 1e-4 * expected.abs().max()
+
+
+@NEEDS_AVX2
+def test_training_step_with_line_kernel_equals_plain_ops(monkeypatch):
+    """A float32 model shaped for the kernel (16 channels per head, 8 angle channels) trains through it,
+    with the loss and parameter gradients of evaluation's plain ops, and FLOPs counted the same."""
+    monkeypatch.setattr(fused._Compiled, "enabled", False)  # plain ops elsewhere: isolate the line kernel
+    calls = []
+
+    def counted(*args, **kwargs):
+        calls.append(args[0].shape)
+        return kernel(*args, **kwargs)
+
+    kernel = line_kernel.line_attention
+    monkeypatch.setattr(line_kernel, "line_attention", counted)
+    torch.manual_seed(0)
+    model = MatRIS(ModelConfig.from_preset("tiny", dim=32, num_heads=2, num_angular=7, tasks=TASKS))
+    batch = collate([graph(a) for a in (cu_cell(), methane())], dtype=torch.float32)
+    results, calls_per_mode = [], []
+    for training in (True, False):
+        model.train(training)
+        p = predict(model, batch, training=True)
+        loss = p["energy"].square().sum() + p["forces"].square().sum() + p["stress"].square().sum()
+        results.append((loss, torch.autograd.grad(loss, list(model.parameters()), allow_unused=True)))
+        calls_per_mode.append(len(calls))
+    assert calls_per_mode[0] >= len(model.blocks) and calls_per_mode[1] == calls_per_mode[0]  # training only
+    (kernel_loss, kernel_grads), (plain_loss, plain_grads) = results
+    assert kernel_loss.item() == pytest.approx(plain_loss.item(), rel=1e-5)
+    for a, b in zip(kernel_grads, plain_grads, strict=True):
+        assert (a is None) == (b is None)
+        if a is not None:
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4 * b.abs().max().item())
+    model.train()
+    counted_with_kernel = model_flops(model, batch)
+    monkeypatch.setattr(line_kernel._State, "enabled", False)
+    assert model_flops(model, batch) == counted_with_kernel  # counted on the bmm form either way
+
+
+def test_failed_line_kernel_build_warns_once_and_keeps_bmm_form(monkeypatch):
+    monkeypatch.setattr(line_kernel._State, "enabled", True)
+
+    def no_compiler():
+        raise RuntimeError("g++: not found")
+
+    monkeypatch.setattr(line_kernel, "_extension", no_compiler)
+    x = bucket_operands(2, 4, 1)
+    with pytest.warns(RuntimeWarning, match="g[+][+]: not found"):
+        assert not line_kernel.applies(x["q"], x["qa"])
+    assert not line_kernel._State.enabled
+    out = line_attention_bucket(**x, cap=2.0, fused=True)
+    assert type(out.grad_fn).__name__ != "_LineAttentionBackward"
 
 
 def test_magmom_head_is_trained_where_labelled():

@@ -1,0 +1,420 @@
+// Line attention's bucket as one op for float32 CPU tensors, blocked by hand for AVX2 with FMA (16 channels
+// per head, 8 angle channels), built on first use by matris/line_kernel.py. Nothing of size
+// (g, h, m, L + 1, m) goes through memory: per block row and head, the scores, the sink softmax and the
+// value sums over (l, b) stay in vector registers and small buffers while the row's slots stream past.
+// The forward, the backward and the double backward; the double backward is the backward's own code run
+// on dual numbers.
+//
+// Rows run per block (g), so each block's outputs are written by one thread; the gradient of the angle
+// projection, shared by all blocks, is summed per thread and then reduced.
+//
+// Shapes: q, k, v, grad (g, m, h, c); qa (g, m, h, W); envelope (g, m, m); angle (g, m, W, m) [a, l, b];
+// angle_v (h, W, c), all contiguous. With s_ab = q_a·k_b + Σ_l qa_al θ_alb,
+// w_ab = env_ab exp(cap tanh(s_ab / cap)) and α_ab = w_ab / (1 + Σ_b w_ab):
+// out_ac = Σ_l A_lc Σ_b α_ab θ_alb v_bc.
+
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <initializer_list>
+#include <type_traits>
+#include <vector>
+
+#if !defined(__AVX2__) || !defined(__FMA__)
+#error "line_attention.cpp needs AVX2 and FMA (-mavx2 -mfma)"
+#endif
+#include <immintrin.h>
+
+namespace {
+
+struct Sizes {
+  int64_t g, m, h, c, w;
+};
+
+extern "C" __m256 _ZGVdN8v_expf(__m256);  // glibc's libmvec, 8 floats at a time
+
+constexpr int64_t kC = 16, kW = 8;  // the blocked kernels' head width and angle channels (matris-6l)
+
+// The blocked kernels are written once over a number type: F, 8 floats, or D, 8 dual numbers (value and
+// tangent along the double backward's incoming cotangents). The backward on D is the double backward:
+// its tangents are the gradients of the backward's inputs, and the tangent of the forward's output, which
+// it recomputes, is the gradient of the cotangent G (the backward is linear in G).
+struct F {
+  __m256 x;
+};
+struct D {
+  __m256 x, d;
+};
+struct Ds {  // a dual scalar
+  float x, d;
+};
+struct FP {  // where F numbers live
+  float* x;
+  FP operator+(int64_t i) const { return {x + i}; }
+};
+struct DP {  // where D numbers live: values and tangents in two arrays of the same layout
+  float* x;
+  float* d;
+  DP operator+(int64_t i) const { return {x + i, d + i}; }
+};
+template <class N> struct Num;
+template <> struct Num<F> {
+  using Ptr = FP;
+  using Scalar = float;
+};
+template <> struct Num<D> {
+  using Ptr = DP;
+  using Scalar = Ds;
+};
+template <class N> using Ptr = typename Num<N>::Ptr;
+template <class N> using Scalar = typename Num<N>::Scalar;
+
+inline F load(FP p) { return {_mm256_loadu_ps(p.x)}; }
+inline D load(DP p) { return {_mm256_loadu_ps(p.x), _mm256_loadu_ps(p.d)}; }
+inline void store(FP p, F a) { _mm256_storeu_ps(p.x, a.x); }
+inline void store(DP p, D a) { _mm256_storeu_ps(p.x, a.x), _mm256_storeu_ps(p.d, a.d); }
+inline F bcast(FP p) { return {_mm256_set1_ps(*p.x)}; }
+inline D bcast(DP p) { return {_mm256_set1_ps(*p.x), _mm256_set1_ps(*p.d)}; }
+inline F bcast(float s) { return {_mm256_set1_ps(s)}; }
+inline D bcast(Ds s) { return {_mm256_set1_ps(s.x), _mm256_set1_ps(s.d)}; }
+inline void store_scalar(FP p, float s) { *p.x = s; }
+inline void store_scalar(DP p, Ds s) { *p.x = s.x, *p.d = s.d; }
+template <class N> N zero();
+template <> inline F zero<F>() { return {_mm256_setzero_ps()}; }
+template <> inline D zero<D>() { return {_mm256_setzero_ps(), _mm256_setzero_ps()}; }
+template <class N> N constant(__m256 x);  // a number with no tangent
+template <> inline F constant<F>(__m256 x) { return {x}; }
+template <> inline D constant<D>(__m256 x) { return {x, _mm256_setzero_ps()}; }
+
+inline F add(F a, F b) { return {_mm256_add_ps(a.x, b.x)}; }
+inline D add(D a, D b) { return {_mm256_add_ps(a.x, b.x), _mm256_add_ps(a.d, b.d)}; }
+inline F sub(F a, F b) { return {_mm256_sub_ps(a.x, b.x)}; }
+inline D sub(D a, D b) { return {_mm256_sub_ps(a.x, b.x), _mm256_sub_ps(a.d, b.d)}; }
+inline F mul(F a, F b) { return {_mm256_mul_ps(a.x, b.x)}; }
+inline D mul(D a, D b) {
+  return {_mm256_mul_ps(a.x, b.x), _mm256_fmadd_ps(a.d, b.x, _mm256_mul_ps(a.x, b.d))};
+}
+inline F fma(F a, F b, F c) { return {_mm256_fmadd_ps(a.x, b.x, c.x)}; }  // a b + c
+inline D fma(D a, D b, D c) {
+  return {_mm256_fmadd_ps(a.x, b.x, c.x), _mm256_fmadd_ps(a.d, b.x, _mm256_fmadd_ps(a.x, b.d, c.d))};
+}
+inline F scale(F a, float s) { return {_mm256_mul_ps(a.x, _mm256_set1_ps(s))}; }
+inline D scale(D a, float s) {
+  const __m256 vs = _mm256_set1_ps(s);
+  return {_mm256_mul_ps(a.x, vs), _mm256_mul_ps(a.d, vs)};
+}
+
+inline float hsum(__m256 x) {
+  alignas(32) float lanes[8];
+  _mm256_store_ps(lanes, x);
+  return lanes[0] + lanes[1] + lanes[2] + lanes[3] + lanes[4] + lanes[5] + lanes[6] + lanes[7];
+}
+inline float hsum(F a) { return hsum(a.x); }
+inline Ds hsum(D a) { return {hsum(a.x), hsum(a.d)}; }
+inline float inverse_1p(float z) { return 1 / (1 + z); }  // 1 / (1 + z)
+inline Ds inverse_1p(Ds z) {
+  const float inv = 1 / (1 + z.x);
+  return {inv, -inv * inv * z.d};
+}
+
+inline F exp(F a) { return {_ZGVdN8v_expf(a.x)}; }
+inline D exp(D a) {
+  const __m256 e = _ZGVdN8v_expf(a.x);
+  return {e, _mm256_mul_ps(e, a.d)};
+}
+// tanh(a / cap) as 1 - 2 / (exp(2a / cap) + 1): one exp instead of libmvec's slower tanh
+inline F tanh_over(F a, float cap) {
+  const __m256 one = _mm256_set1_ps(1.0f);
+  const __m256 x2 = _mm256_min_ps(_mm256_mul_ps(a.x, _mm256_set1_ps(2 / cap)), _mm256_set1_ps(80.0f));
+  return {_mm256_sub_ps(one, _mm256_div_ps(_mm256_set1_ps(2.0f), _mm256_add_ps(_ZGVdN8v_expf(x2), one)))};
+}
+inline D tanh_over(D a, float cap) {
+  const __m256 t = tanh_over(F{a.x}, cap).x;
+  const __m256 slope = _mm256_mul_ps(_mm256_fnmadd_ps(t, t, _mm256_set1_ps(1.0f)), _mm256_set1_ps(1 / cap));
+  return {t, _mm256_mul_ps(slope, a.d)};
+}
+inline F one_minus_square(F t) { return {_mm256_fnmadd_ps(t.x, t.x, _mm256_set1_ps(1.0f))}; }
+inline D one_minus_square(D t) {
+  return {_mm256_fnmadd_ps(t.x, t.x, _mm256_set1_ps(1.0f)),
+          _mm256_mul_ps(_mm256_set1_ps(-2.0f), _mm256_mul_ps(t.x, t.d))};
+}
+
+// count numbers of type N, zero-initialised, with a pointer of their kind
+template <class N> struct Buffer {
+  std::vector<float> data;
+  int64_t count;
+  explicit Buffer(int64_t count) : data((std::is_same_v<N, D> ? 2 : 1) * count), count(count) {}
+  Ptr<N> ptr() {
+    if constexpr (std::is_same_v<N, D>) return {data.data(), data.data() + count};
+    else return {data.data()};
+  }
+  void clear() { std::fill(data.begin(), data.end(), 0.0f); }
+};
+inline void copy(FP from, int64_t count, FP to) { std::copy_n(from.x, count, to.x); }
+inline void copy(DP from, int64_t count, DP to) {
+  std::copy_n(from.x, count, to.x), std::copy_n(from.d, count, to.d);
+}
+inline void put(FP from, FP to) { *to.x = *from.x; }
+inline void put(DP from, DP to) { *to.x = *from.x, *to.d = *from.d; }
+
+// One row and head: scores against the head's kᵀ (kt_h, (c, mp)) and the row's padded angle basis, then
+// t = tanh(s / cap), e = exp(cap t), α, and P_lb = α_b θ_alb; returns 1 / (1 + Σ_b w_ab). Padding slots
+// have zero envelope, so zero α and P.
+template <class N>
+Scalar<N> blocked_weights(int64_t mp, float cap, Ptr<N> q_a, Ptr<N> qa_a, Ptr<N> kt_h, Ptr<N> theta_p,
+                          Ptr<N> env_p, Ptr<N> t, Ptr<N> e, Ptr<N> alpha, Ptr<N> P) {
+  N z = zero<N>();
+  for (int64_t j = 0; j < mp; j += 8) {
+    N s = zero<N>();
+    for (int64_t ci = 0; ci < kC; ++ci) s = fma(bcast(q_a + ci), load(kt_h + (ci * mp + j)), s);
+    for (int64_t l = 0; l < kW; ++l) s = fma(bcast(qa_a + l), load(theta_p + (l * mp + j)), s);
+    const N tj = tanh_over(s, cap);
+    const N ej = exp(scale(tj, cap));
+    const N w = mul(load(env_p + j), ej);
+    store(t + j, tj);
+    store(e + j, ej);
+    store(alpha + j, w);
+    z = add(z, w);
+  }
+  const Scalar<N> inv = inverse_1p(hsum(z));
+  const N vinv = bcast(inv);
+  for (int64_t j = 0; j < mp; j += 8) {
+    const N a = mul(load(alpha + j), vinv);
+    store(alpha + j, a);
+    for (int64_t l = 0; l < kW; ++l) store(P + (l * mp + j), mul(a, load(theta_p + (l * mp + j))));
+  }
+  return inv;
+}
+
+// S_l,half = Σ_b P_lb v_b,half for one half (8 channels) of the head: 8 accumulators in registers.
+template <class N>
+void blocked_value_sums(int64_t m, int64_t mp, Ptr<N> P, Ptr<N> v_head, int64_t stride, N* S) {
+  for (int64_t l = 0; l < kW; ++l) S[l] = zero<N>();
+  for (int64_t b = 0; b < m; ++b) {
+    const N vb = load(v_head + b * stride);
+    for (int64_t l = 0; l < kW; ++l) S[l] = fma(bcast(P + (l * mp + b)), vb, S[l]);
+  }
+}
+
+// Per block: kᵀ (and vᵀ) of every head, padded to mp columns; per row: the angle basis and envelope padded.
+template <class N> struct BlockedBuffers {
+  int64_t m, mp;
+  Buffer<N> kt, vt, theta_p, env_p, t, e, alpha, P;
+  explicit BlockedBuffers(const Sizes& n)
+      : m(n.m), mp((n.m + 7) / 8 * 8), kt(n.h * kC * mp), vt(n.h * kC * mp), theta_p(kW * mp), env_p(mp),
+        t(mp), e(mp), alpha(mp), P(kW * mp) {}  // padding columns are zero and stay zero
+  void transpose(const Sizes& n, Ptr<N> x, int64_t gi, Buffer<N>& xt) {
+    for (int64_t b = 0; b < m; ++b)
+      for (int64_t hi = 0; hi < n.h; ++hi)
+        for (int64_t ci = 0; ci < kC; ++ci)
+          put(x + (((gi * m + b) * n.h + hi) * kC + ci), xt.ptr() + ((hi * kC + ci) * mp + b));
+  }
+  void load_row(Ptr<N> theta, Ptr<N> env, int64_t gi, int64_t a) {
+    for (int64_t l = 0; l < kW; ++l) copy(theta + ((gi * m + a) * kW + l) * m, m, theta_p.ptr() + l * mp);
+    copy(env + (gi * m + a) * m, m, env_p.ptr());
+  }
+};
+
+// The forward: per block row, the angle basis copied once for all heads.
+void forward_kernel(const Sizes& n, FP q, FP k, FP v, FP qa, FP env, FP theta, FP A, float cap, FP out) {
+  at::parallel_for(0, n.g, 1, [&](int64_t begin, int64_t end) {
+    const int64_t m = n.m, h = n.h, stride = h * kC;
+    BlockedBuffers<F> buf(n);
+    for (int64_t gi = begin; gi < end; ++gi) {
+      buf.transpose(n, k, gi, buf.kt);
+      for (int64_t a = 0; a < m; ++a) {
+        buf.load_row(theta, env, gi, a);
+        for (int64_t hi = 0; hi < h; ++hi) {
+          const int64_t row = ((gi * m + a) * h + hi) * kC;
+          blocked_weights<F>(buf.mp, cap, q + row, qa + ((gi * m + a) * h + hi) * kW,
+                             buf.kt.ptr() + hi * kC * buf.mp, buf.theta_p.ptr(), buf.env_p.ptr(), buf.t.ptr(),
+                             buf.e.ptr(), buf.alpha.ptr(), buf.P.ptr());
+          for (int64_t half = 0; half < kC; half += 8) {
+            F S[kW];
+            blocked_value_sums<F>(m, buf.mp, buf.P.ptr(), v + ((gi * m * h + hi) * kC + half), stride, S);
+            F o = zero<F>();
+            for (int64_t l = 0; l < kW; ++l) o = fma(load(A + ((hi * kW + l) * kC + half)), S[l], o);
+            store(out + (row + half), o);
+          }
+        }
+      }
+    }
+  });
+}
+
+// The backward, blocked the same way. On D numbers it is the double backward, and it also writes the
+// forward output's tangent to out_tangent.
+template <class N>
+void backward_kernel(const Sizes& n, const float* grad, Ptr<N> q, Ptr<N> k, Ptr<N> v, Ptr<N> qa, Ptr<N> env,
+                             Ptr<N> theta, Ptr<N> A, float cap, Ptr<N> gq, Ptr<N> gk, Ptr<N> gv, Ptr<N> gqa,
+                             Ptr<N> genv, Ptr<N> gtheta, Ptr<N> gA_threads, float* out_tangent) {
+  at::parallel_for(0, n.g, 1, [&](int64_t begin, int64_t end) {
+    const int64_t m = n.m, h = n.h, stride = h * kC;
+    const Ptr<N> gA = gA_threads + at::get_thread_num() * h * kW * kC;
+    BlockedBuffers<N> buf(n);
+    const int64_t mp = buf.mp;
+    Buffer<N> GA_(kW * kC), galpha_(mp), gs_(mp), gtheta_(kW * mp), genv_(mp);
+    const Ptr<N> GA = GA_.ptr(), galpha = galpha_.ptr(), gs = gs_.ptr(), gtheta_p = gtheta_.ptr(),
+                 genv_p = genv_.ptr(), theta_p = buf.theta_p.ptr(), env_p = buf.env_p.ptr(), P = buf.P.ptr();
+    for (int64_t gi = begin; gi < end; ++gi) {
+      buf.transpose(n, k, gi, buf.kt);
+      buf.transpose(n, v, gi, buf.vt);
+      for (int64_t a = 0; a < m; ++a) {
+        buf.load_row(theta, env, gi, a);
+        gtheta_.clear();
+        genv_.clear();
+        for (int64_t hi = 0; hi < h; ++hi) {
+          const int64_t row = ((gi * m + a) * h + hi) * kC, qa_row = ((gi * m + a) * h + hi) * kW;
+          const int64_t head = (gi * m * h + hi) * kC;  // element (gi, 0, hi, 0)
+          const Scalar<N> inv = blocked_weights<N>(mp, cap, q + row, qa + qa_row, buf.kt.ptr() + hi * kC * mp,
+                                                   theta_p, env_p, buf.t.ptr(), buf.e.ptr(), buf.alpha.ptr(), P);
+          // ∂/∂A_lc += G_ac S_lc; GA_lc = A_lc G_ac (and, on D numbers, out_ac = Σ_l A_lc S_lc)
+          for (int64_t half = 0; half < kC; half += 8) {
+            N S[kW];
+            blocked_value_sums<N>(m, mp, P, v + (head + half), stride, S);
+            const N G = constant<N>(_mm256_loadu_ps(grad + row + half));
+            if constexpr (std::is_same_v<N, D>) {
+              N o = zero<N>();
+              for (int64_t l = 0; l < kW; ++l) o = fma(load(A + ((hi * kW + l) * kC + half)), S[l], o);
+              _mm256_storeu_ps(out_tangent + row + half, o.d);
+            }
+            for (int64_t l = 0; l < kW; ++l) {
+              const Ptr<N> gAl = gA + ((hi * kW + l) * kC + half);
+              store(gAl, fma(G, S[l], load(gAl)));
+              store(GA + (l * kC + half), mul(load(A + ((hi * kW + l) * kC + half)), G));
+            }
+          }
+          // D_lb = Σ_c GA_lc v_bc; ∂/∂α_b = Σ_l θ_alb D_lb; ∂/∂θ_alb += α_b D_lb
+          N dot = zero<N>();
+          for (int64_t j = 0; j < mp; j += 8) {
+            N Dl[kW];
+            for (int64_t l = 0; l < kW; ++l) Dl[l] = zero<N>();
+            for (int64_t ci = 0; ci < kC; ++ci) {
+              const N vc = load(buf.vt.ptr() + ((hi * kC + ci) * mp + j));
+              for (int64_t l = 0; l < kW; ++l) Dl[l] = fma(bcast(GA + (l * kC + ci)), vc, Dl[l]);
+            }
+            const N alpha = load(buf.alpha.ptr() + j);
+            N ga = zero<N>();
+            for (int64_t l = 0; l < kW; ++l) {
+              ga = fma(load(theta_p + (l * mp + j)), Dl[l], ga);
+              const Ptr<N> gt = gtheta_p + (l * mp + j);
+              store(gt, fma(alpha, Dl[l], load(gt)));
+            }
+            store(galpha + j, ga);
+            dot = fma(ga, alpha, dot);
+          }
+          // ∂/∂v_bc += Σ_l P_lb GA_lc
+          for (int64_t b = 0; b < m; ++b)
+            for (int64_t half = 0; half < kC; half += 8) {
+              const Ptr<N> gvb = gv + (head + b * stride + half);
+              N acc = load(gvb);
+              for (int64_t l = 0; l < kW; ++l) acc = fma(bcast(P + (l * mp + b)), load(GA + (l * kC + half)), acc);
+              store(gvb, acc);
+            }
+          // through the sink softmax and the capped exponential
+          const N vdot = bcast(hsum(dot)), vinv = bcast(inv);
+          N gqa_acc[kW];
+          for (int64_t l = 0; l < kW; ++l) gqa_acc[l] = zero<N>();
+          for (int64_t j = 0; j < mp; j += 8) {
+            const N e = load(buf.e.ptr() + j), t = load(buf.t.ptr() + j);
+            const N gw = mul(sub(load(galpha + j), vdot), vinv);
+            store(genv_p + j, fma(gw, e, load(genv_p + j)));
+            const N g = mul(mul(gw, load(env_p + j)), mul(e, one_minus_square(t)));
+            store(gs + j, g);
+            for (int64_t l = 0; l < kW; ++l) {
+              gqa_acc[l] = fma(g, load(theta_p + (l * mp + j)), gqa_acc[l]);
+              const Ptr<N> gt = gtheta_p + (l * mp + j);
+              store(gt, fma(g, bcast(qa + (qa_row + l)), load(gt)));
+            }
+          }
+          for (int64_t l = 0; l < kW; ++l) store_scalar(gqa + (qa_row + l), hsum(gqa_acc[l]));
+          // ∂/∂q_a = Σ_b gs_b k_b; ∂/∂k_b += gs_b q_a
+          for (int64_t half = 0; half < kC; half += 8) {
+            const N qh = load(q + (row + half));
+            N acc = zero<N>();
+            for (int64_t b = 0; b < m; ++b) {
+              const N g = bcast(gs + b);
+              acc = fma(g, load(k + (head + b * stride + half)), acc);
+              const Ptr<N> gkb = gk + (head + b * stride + half);
+              store(gkb, fma(g, qh, load(gkb)));
+            }
+            store(gq + (row + half), acc);
+          }
+        }
+        for (int64_t l = 0; l < kW; ++l) copy(gtheta_p + l * mp, m, gtheta + ((gi * m + a) * kW + l) * m);
+        copy(genv_p, m, genv + (gi * m + a) * m);
+      }
+    }
+  });
+}
+
+FP f_ptr(const torch::Tensor& x) { return {x.data_ptr<float>()}; }
+DP d_ptr(const torch::Tensor& x, const torch::Tensor& tangent) {
+  return {x.data_ptr<float>(), tangent.data_ptr<float>()};
+}
+
+// The kernels index raw data pointers: anything but contiguous float32 CPU tensors would be read wrongly.
+Sizes checked_sizes(const torch::Tensor& q, const torch::Tensor& qa, std::initializer_list<torch::Tensor> all) {
+  for (const auto& x : all)
+    TORCH_CHECK(x.scalar_type() == torch::kFloat && x.device().is_cpu() && x.is_contiguous(),
+                "line attention kernel: contiguous float32 CPU tensors only");
+  const Sizes n{q.size(0), q.size(1), q.size(2), q.size(3), qa.size(3)};
+  TORCH_CHECK(n.c == kC && n.w == kW, "line attention kernel: 16 channels per head and 8 angle channels only");
+  return n;
+}
+
+torch::Tensor forward(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor qa, torch::Tensor env,
+                      torch::Tensor theta, torch::Tensor A, double cap) {
+  const Sizes n = checked_sizes(q, qa, {q, k, v, qa, env, theta, A});
+  auto out = torch::empty_like(q);
+  forward_kernel(n, f_ptr(q), f_ptr(k), f_ptr(v), f_ptr(qa), f_ptr(env), f_ptr(theta), f_ptr(A),
+                 static_cast<float>(cap), f_ptr(out));
+  return out;
+}
+
+std::vector<torch::Tensor> backward(torch::Tensor grad, torch::Tensor q, torch::Tensor k, torch::Tensor v,
+                                    torch::Tensor qa, torch::Tensor env, torch::Tensor theta, torch::Tensor A,
+                                    double cap) {
+  const Sizes n = checked_sizes(q, qa, {grad, q, k, v, qa, env, theta, A});
+  auto gq = torch::empty_like(q), gk = torch::zeros_like(k), gv = torch::zeros_like(v);
+  auto gqa = torch::empty_like(qa), genv = torch::empty_like(env), gtheta = torch::empty_like(theta);
+  auto gA = torch::zeros({at::get_num_threads(), n.h, n.w, n.c}, A.options());
+  backward_kernel<F>(n, grad.data_ptr<float>(), f_ptr(q), f_ptr(k), f_ptr(v), f_ptr(qa), f_ptr(env), f_ptr(theta),
+                     f_ptr(A), static_cast<float>(cap), f_ptr(gq), f_ptr(gk), f_ptr(gv), f_ptr(gqa), f_ptr(genv),
+                     f_ptr(gtheta), f_ptr(gA), nullptr);
+  return {gq, gk, gv, gqa, genv, gtheta, gA.sum(0)};
+}
+
+// The vjp of backward for cotangents u of its seven outputs: the gradients of G and of the seven inputs, as
+// the backward run on dual numbers whose tangents are u.
+std::vector<torch::Tensor> double_backward(torch::Tensor grad, torch::Tensor q, torch::Tensor k, torch::Tensor v,
+                                           torch::Tensor qa, torch::Tensor env, torch::Tensor theta,
+                                           torch::Tensor A, torch::Tensor uq, torch::Tensor uk, torch::Tensor uv,
+                                           torch::Tensor uqa, torch::Tensor uenv, torch::Tensor utheta,
+                                           torch::Tensor uA, double cap) {
+  const Sizes n = checked_sizes(q, qa, {grad, q, k, v, qa, env, theta, A, uq, uk, uv, uqa, uenv, utheta, uA});
+  std::vector<torch::Tensor> values, tangents;  // of gq, gk, gv, gqa, genv, gtheta, gA
+  for (const auto& x : {q, k, v, qa, env, theta}) {
+    values.push_back(torch::zeros_like(x));
+    tangents.push_back(torch::zeros_like(x));
+  }
+  values.push_back(torch::zeros({at::get_num_threads(), n.h, n.w, n.c}, A.options()));
+  tangents.push_back(torch::zeros_like(values.back()));
+  auto ggrad = torch::empty_like(q);
+  auto out = [&](int i) { return d_ptr(values[i], tangents[i]); };
+  backward_kernel<D>(n, grad.data_ptr<float>(), d_ptr(q, uq), d_ptr(k, uk), d_ptr(v, uv), d_ptr(qa, uqa),
+                     d_ptr(env, uenv), d_ptr(theta, utheta), d_ptr(A, uA), static_cast<float>(cap), out(0), out(1),
+                     out(2), out(3), out(4), out(5), out(6), ggrad.data_ptr<float>());
+  tangents[6] = tangents[6].sum(0);
+  tangents.insert(tangents.begin(), ggrad);
+  return tangents;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("forward", &forward, "line attention's bucket (float, c = 16, L + 1 = 8)");
+  m.def("backward", &backward, "its vector-Jacobian product");
+  m.def("double_backward", &double_backward, "the vjp of backward, on dual numbers");
+}

@@ -187,13 +187,21 @@ Scalar<N> blocked_weights(int64_t mp, float cap, Ptr<N> q_a, Ptr<N> qa_a, Ptr<N>
   return inv;
 }
 
-// S_l,half = Σ_b P_lb v_b,half for one half (8 channels) of the head: 8 accumulators in registers.
+// Accumulators per pass over a row's slots: all 8 angle channels for F numbers; 4 for D numbers, whose
+// 8 would take all 16 vector registers and spill.
+template <class N> constexpr int64_t kPass = std::is_same_v<N, D> ? kW / 2 : kW;
+
+// S_l,half = Σ_b P_lb v_b,half for one half (8 channels) of the head, the sums held in registers.
 template <class N>
 void blocked_value_sums(int64_t m, int64_t mp, Ptr<N> P, Ptr<N> v_head, int64_t stride, N* S) {
-  for (int64_t l = 0; l < kW; ++l) S[l] = zero<N>();
-  for (int64_t b = 0; b < m; ++b) {
-    const N vb = load(v_head + b * stride);
-    for (int64_t l = 0; l < kW; ++l) S[l] = fma(bcast(P + (l * mp + b)), vb, S[l]);
+  for (int64_t l0 = 0; l0 < kW; l0 += kPass<N>) {
+    N acc[kPass<N>];
+    for (int64_t l = 0; l < kPass<N>; ++l) acc[l] = zero<N>();
+    for (int64_t b = 0; b < m; ++b) {
+      const N vb = load(v_head + b * stride);
+      for (int64_t l = 0; l < kPass<N>; ++l) acc[l] = fma(bcast(P + ((l0 + l) * mp + b)), vb, acc[l]);
+    }
+    for (int64_t l = 0; l < kPass<N>; ++l) S[l0 + l] = acc[l];
   }
 }
 
@@ -288,18 +296,20 @@ void backward_kernel(const Sizes& n, const float* grad, Ptr<N> q, Ptr<N> k, Ptr<
           // D_lb = Σ_c GA_lc v_bc; ∂/∂α_b = Σ_l θ_alb D_lb; ∂/∂θ_alb += α_b D_lb
           N dot = zero<N>();
           for (int64_t j = 0; j < mp; j += 8) {
-            N Dl[kW];
-            for (int64_t l = 0; l < kW; ++l) Dl[l] = zero<N>();
-            for (int64_t ci = 0; ci < kC; ++ci) {
-              const N vc = load(buf.vt.ptr() + ((hi * kC + ci) * mp + j));
-              for (int64_t l = 0; l < kW; ++l) Dl[l] = fma(bcast(GA + (l * kC + ci)), vc, Dl[l]);
-            }
             const N alpha = load(buf.alpha.ptr() + j);
             N ga = zero<N>();
-            for (int64_t l = 0; l < kW; ++l) {
-              ga = fma(load(theta_p + (l * mp + j)), Dl[l], ga);
-              const Ptr<N> gt = gtheta_p + (l * mp + j);
-              store(gt, fma(alpha, Dl[l], load(gt)));
+            for (int64_t l0 = 0; l0 < kW; l0 += kPass<N>) {
+              N Dl[kPass<N>];
+              for (int64_t l = 0; l < kPass<N>; ++l) Dl[l] = zero<N>();
+              for (int64_t ci = 0; ci < kC; ++ci) {
+                const N vc = load(buf.vt.ptr() + ((hi * kC + ci) * mp + j));
+                for (int64_t l = 0; l < kPass<N>; ++l) Dl[l] = fma(bcast(GA + ((l0 + l) * kC + ci)), vc, Dl[l]);
+              }
+              for (int64_t l = 0; l < kPass<N>; ++l) {
+                ga = fma(load(theta_p + ((l0 + l) * mp + j)), Dl[l], ga);
+                const Ptr<N> gt = gtheta_p + ((l0 + l) * mp + j);
+                store(gt, fma(alpha, Dl[l], load(gt)));
+              }
             }
             store(galpha + j, ga);
             dot = fma(ga, alpha, dot);
@@ -314,21 +324,26 @@ void backward_kernel(const Sizes& n, const float* grad, Ptr<N> q, Ptr<N> k, Ptr<
             }
           // through the sink softmax and the capped exponential
           const N vdot = bcast(hsum(dot)), vinv = bcast(inv);
-          N gqa_acc[kW];
-          for (int64_t l = 0; l < kW; ++l) gqa_acc[l] = zero<N>();
           for (int64_t j = 0; j < mp; j += 8) {
             const N e = load(buf.e.ptr() + j), t = load(buf.t.ptr() + j);
             const N gw = mul(sub(load(galpha + j), vdot), vinv);
             store(genv_p + j, fma(gw, e, load(genv_p + j)));
-            const N g = mul(mul(gw, load(env_p + j)), mul(e, one_minus_square(t)));
-            store(gs + j, g);
-            for (int64_t l = 0; l < kW; ++l) {
-              gqa_acc[l] = fma(g, load(theta_p + (l * mp + j)), gqa_acc[l]);
-              const Ptr<N> gt = gtheta_p + (l * mp + j);
-              store(gt, fma(g, bcast(qa + (qa_row + l)), load(gt)));
-            }
+            store(gs + j, mul(mul(gw, load(env_p + j)), mul(e, one_minus_square(t))));
           }
-          for (int64_t l = 0; l < kW; ++l) store_scalar(gqa + (qa_row + l), hsum(gqa_acc[l]));
+          // ∂/∂qa_al = Σ_b gs_b θ_alb; ∂/∂θ_alb += gs_b qa_al
+          for (int64_t l0 = 0; l0 < kW; l0 += kPass<N>) {
+            N gqa_acc[kPass<N>];
+            for (int64_t l = 0; l < kPass<N>; ++l) gqa_acc[l] = zero<N>();
+            for (int64_t j = 0; j < mp; j += 8) {
+              const N g = load(gs + j);
+              for (int64_t l = 0; l < kPass<N>; ++l) {
+                gqa_acc[l] = fma(g, load(theta_p + ((l0 + l) * mp + j)), gqa_acc[l]);
+                const Ptr<N> gt = gtheta_p + ((l0 + l) * mp + j);
+                store(gt, fma(g, bcast(qa + (qa_row + l0 + l)), load(gt)));
+              }
+            }
+            for (int64_t l = 0; l < kPass<N>; ++l) store_scalar(gqa + (qa_row + l0 + l), hsum(gqa_acc[l]));
+          }
           // ∂/∂q_a = Σ_b gs_b k_b; ∂/∂k_b += gs_b q_a
           for (int64_t half = 0; half < kC; half += 8) {
             const N qh = load(q + (row + half));

@@ -64,8 +64,8 @@ def three_levels(bucket: Callable, x: dict, grad: torch.Tensor, cap: float) -> l
 
 def check(cap: float) -> float:
     """Largest relative difference of the op from the plain bmm form over its three levels."""
-    x = bucket_operands(6, 11, 8, line_kernel.HEAD_WIDTH, line_kernel.ANGLE_WIDTH)
-    grad = torch.randn(6, 11, 8, line_kernel.HEAD_WIDTH, generator=torch.Generator().manual_seed(1))
+    x = bucket_operands(6, 11, 8, 16, line_kernel.ANGLE_WIDTH)
+    grad = torch.randn(6, 11, 8, 16, generator=torch.Generator().manual_seed(1))
     kernel = three_levels(line_kernel.line_attention, x, grad, cap)
     plain = three_levels(lambda **a: line_attention_bucket(**a, fused=False), x, grad, cap)
     return max(((k - p).abs().max() / p.abs().max()).item() for k, p in zip(kernel, plain, strict=True))

@@ -4,13 +4,14 @@ The compiled bmm form of `matris.layers.line_attention_bucket` writes the (g, h,
 through memory at every derivative level and runs the value sums as tiny batched matmuls; this op keeps a
 block row's scores and value sums in vector registers instead (``csrc/line_attention.cpp``), and its double
 backward is its backward's own code run on dual numbers. On the issue batch one block's buckets take
-about 2.7× less time at the three levels of a training step (``benchmarks/bench_line_kernel.py``).
+2.3-2.5× less time at the three levels of a training step (``benchmarks/bench_line_kernel.py``).
 
-It covers float32 CPU tensors with 16 channels per head and 8 angle channels (``matris-6l``), outside a
-Python dispatch mode, so that FLOP counters see the plain form's matmuls. The extension is built on first
-use (about a minute; g++, ninja and glibc's libmvec; cached under ``TORCH_EXTENSIONS_DIR``). Every other
-case, ``MATRIS_LINE_KERNEL=0``, or a failed build (one warning) keeps the bmm form (compiled unless
-``MATRIS_COMPILE=0``).
+It covers float32 CPU tensors with a multiple of 8 channels per head and 8 angle channels (every preset
+but ``tiny``: 16 channels in ``matris-6l``, 48-72 in the MoE presets, 7 Legendre polynomials and the
+ones channel), outside a Python dispatch mode, so that FLOP counters see the plain form's matmuls. The
+extension is built on first use (about a minute; g++, ninja and glibc's libmvec; cached under
+``TORCH_EXTENSIONS_DIR``). Every other case, ``MATRIS_LINE_KERNEL=0``, or a failed build (one warning)
+keeps the bmm form (compiled unless ``MATRIS_COMPILE=0``).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from torch.autograd.function import once_differentiable
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 SOURCE = Path(__file__).with_name("csrc") / "line_attention.cpp"
-HEAD_WIDTH, ANGLE_WIDTH = 16, 8  # what the kernels are blocked for
+CHANNEL_BLOCK, ANGLE_WIDTH = 8, 8  # the kernels take heads of a multiple of 8 channels, 8 angle channels
 
 
 class _State:
@@ -54,7 +55,7 @@ def applies(q: torch.Tensor, qa: torch.Tensor) -> bool:
         _State.enabled
         and q.dtype == torch.float32
         and q.device.type == "cpu"
-        and q.shape[-1] == HEAD_WIDTH
+        and q.shape[-1] % CHANNEL_BLOCK == 0
         and qa.shape[-1] == ANGLE_WIDTH
         and _get_current_dispatch_mode() is None
     ):

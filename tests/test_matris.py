@@ -399,8 +399,8 @@ NEEDS_AVX2 = pytest.mark.skipif(
 )
 
 
-def bucket_operands(g: int, m: int, h: int, seed: int = 0) -> dict[str, torch.Tensor]:
-    """Random float32 operands of one line-attention bucket with the kernel's 16 channels per head and 8
+def bucket_operands(g: int, m: int, h: int, c: int = 16, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Random float32 operands of one line-attention bucket with ``c`` channels per head and the kernel's 8
     angle channels; the envelope is zero on the diagonal, as in `matris.layers.TripletBlocks`."""
     generator = torch.Generator().manual_seed(seed)
 
@@ -409,23 +409,24 @@ def bucket_operands(g: int, m: int, h: int, seed: int = 0) -> dict[str, torch.Te
 
     envelope = torch.rand(g, 1, m, m, generator=generator) * (1 - torch.eye(m))
     return dict(
-        q=randn(g, m, h, 16),
-        k=randn(g, m, h, 16),
-        v=randn(g, m, h, 16),
+        q=randn(g, m, h, c),
+        k=randn(g, m, h, c),
+        v=randn(g, m, h, c),
         qa=randn(g, m, h, 8),
         envelope=envelope.requires_grad_(),
         angle=randn(g, m, 8, m),
-        angle_v=randn(h, 8, 1, 16),
+        angle_v=randn(h, 8, 1, c),
     )
 
 
 @NEEDS_AVX2
-def test_line_kernel_equals_bmm_form_to_second_order():
+@pytest.mark.parametrize("channels", [8, 16, 24])
+def test_line_kernel_equals_bmm_form_to_second_order(channels):
     """The C++ op's output, its seven gradients and the second derivatives of a loss on them (what a force
-    loss takes) equal the plain bmm form's, in float32."""
-    x = bucket_operands(5, 11, 3)
+    loss takes) equal the plain bmm form's, in float32, for heads of 8 to 24 channels."""
+    x = bucket_operands(5, 11, 3, channels)
     assert line_kernel.applies(x["q"], x["qa"])  # builds the extension: a failed build fails here
-    grad = torch.randn(5, 11, 3, 16, generator=torch.Generator().manual_seed(1)).requires_grad_()
+    grad = torch.randn(5, 11, 3, channels, generator=torch.Generator().manual_seed(1)).requires_grad_()
     results = []
     for bucket in (line_kernel.line_attention, functools.partial(line_attention_bucket, fused=False)):
         out = bucket(**x, cap=2.0)
@@ -438,7 +439,7 @@ def test_line_kernel_equals_bmm_form_to_second_order():
 
 @NEEDS_AVX2
 def test_training_step_with_line_kernel_equals_plain_ops(monkeypatch):
-    """A float32 model shaped for the kernel (16 channels per head, 8 angle channels) trains through it,
+    """A float32 model shaped for the kernel (8 angle channels) trains through it,
     with the loss and parameter gradients of evaluation's plain ops, and FLOPs counted the same."""
     monkeypatch.setattr(fused._Compiled, "enabled", False)  # plain ops elsewhere: isolate the line kernel
     calls = []

@@ -1,5 +1,5 @@
-// Line attention's bucket as one op for float32 CPU tensors, blocked by hand for AVX2 with FMA (16 channels
-// per head, 8 angle channels), built on first use by matris/line_kernel.py. Nothing of size
+// Line attention's bucket as one op for float32 CPU tensors, blocked by hand for AVX2 with FMA (a multiple
+// of 8 channels per head, 8 angle channels), built on first use by matris/line_kernel.py. Nothing of size
 // (g, h, m, L + 1, m) goes through memory: per block row and head, the scores, the sink softmax and the
 // value sums over (l, b) stay in vector registers and small buffers while the row's slots stream past.
 // The forward, the backward and the double backward; the double backward is the backward's own code run
@@ -34,7 +34,7 @@ struct Sizes {
 
 extern "C" __m256 _ZGVdN8v_expf(__m256);  // glibc's libmvec, 8 floats at a time
 
-constexpr int64_t kC = 16, kW = 8;  // the blocked kernels' head width and angle channels (matris-6l)
+constexpr int64_t kW = 8;  // angle channels (L + 1), compile-time so that a row's sums over them fit registers
 
 // The blocked kernels are written once over a number type: F, 8 floats, or D, 8 dual numbers (value and
 // tangent along the double backward's incoming cotangents). The backward on D is the double backward:
@@ -162,12 +162,12 @@ inline void put(DP from, DP to) { *to.x = *from.x, *to.d = *from.d; }
 // t = tanh(s / cap), e = exp(cap t), α, and P_lb = α_b θ_alb; returns 1 / (1 + Σ_b w_ab). Padding slots
 // have zero envelope, so zero α and P.
 template <class N>
-Scalar<N> blocked_weights(int64_t mp, float cap, Ptr<N> q_a, Ptr<N> qa_a, Ptr<N> kt_h, Ptr<N> theta_p,
+Scalar<N> blocked_weights(int64_t c, int64_t mp, float cap, Ptr<N> q_a, Ptr<N> qa_a, Ptr<N> kt_h, Ptr<N> theta_p,
                           Ptr<N> env_p, Ptr<N> t, Ptr<N> e, Ptr<N> alpha, Ptr<N> P) {
   N z = zero<N>();
   for (int64_t j = 0; j < mp; j += 8) {
     N s = zero<N>();
-    for (int64_t ci = 0; ci < kC; ++ci) s = fma(bcast(q_a + ci), load(kt_h + (ci * mp + j)), s);
+    for (int64_t ci = 0; ci < c; ++ci) s = fma(bcast(q_a + ci), load(kt_h + (ci * mp + j)), s);
     for (int64_t l = 0; l < kW; ++l) s = fma(bcast(qa_a + l), load(theta_p + (l * mp + j)), s);
     const N tj = tanh_over(s, cap);
     const N ej = exp(scale(tj, cap));
@@ -191,7 +191,7 @@ Scalar<N> blocked_weights(int64_t mp, float cap, Ptr<N> q_a, Ptr<N> qa_a, Ptr<N>
 // 8 would take all 16 vector registers and spill.
 template <class N> constexpr int64_t kPass = std::is_same_v<N, D> ? kW / 2 : kW;
 
-// S_l,half = Σ_b P_lb v_b,half for one half (8 channels) of the head, the sums held in registers.
+// S_l,chunk = Σ_b P_lb v_b,chunk for one chunk of 8 channels of the head, the sums held in registers.
 template <class N>
 void blocked_value_sums(int64_t m, int64_t mp, Ptr<N> P, Ptr<N> v_head, int64_t stride, N* S) {
   for (int64_t l0 = 0; l0 < kW; l0 += kPass<N>) {
@@ -210,13 +210,13 @@ template <class N> struct BlockedBuffers {
   int64_t m, mp;
   Buffer<N> kt, vt, theta_p, env_p, t, e, alpha, P;
   explicit BlockedBuffers(const Sizes& n)
-      : m(n.m), mp((n.m + 7) / 8 * 8), kt(n.h * kC * mp), vt(n.h * kC * mp), theta_p(kW * mp), env_p(mp),
+      : m(n.m), mp((n.m + 7) / 8 * 8), kt(n.h * n.c * mp), vt(n.h * n.c * mp), theta_p(kW * mp), env_p(mp),
         t(mp), e(mp), alpha(mp), P(kW * mp) {}  // padding columns are zero and stay zero
   void transpose(const Sizes& n, Ptr<N> x, int64_t gi, Buffer<N>& xt) {
     for (int64_t b = 0; b < m; ++b)
       for (int64_t hi = 0; hi < n.h; ++hi)
-        for (int64_t ci = 0; ci < kC; ++ci)
-          put(x + (((gi * m + b) * n.h + hi) * kC + ci), xt.ptr() + ((hi * kC + ci) * mp + b));
+        for (int64_t ci = 0; ci < n.c; ++ci)
+          put(x + (((gi * m + b) * n.h + hi) * n.c + ci), xt.ptr() + ((hi * n.c + ci) * mp + b));
   }
   void load_row(Ptr<N> theta, Ptr<N> env, int64_t gi, int64_t a) {
     for (int64_t l = 0; l < kW; ++l) copy(theta + ((gi * m + a) * kW + l) * m, m, theta_p.ptr() + l * mp);
@@ -227,23 +227,23 @@ template <class N> struct BlockedBuffers {
 // The forward: per block row, the angle basis copied once for all heads.
 void forward_kernel(const Sizes& n, FP q, FP k, FP v, FP qa, FP env, FP theta, FP A, float cap, FP out) {
   at::parallel_for(0, n.g, 1, [&](int64_t begin, int64_t end) {
-    const int64_t m = n.m, h = n.h, stride = h * kC;
+    const int64_t m = n.m, h = n.h, c = n.c, stride = h * c;
     BlockedBuffers<F> buf(n);
     for (int64_t gi = begin; gi < end; ++gi) {
       buf.transpose(n, k, gi, buf.kt);
       for (int64_t a = 0; a < m; ++a) {
         buf.load_row(theta, env, gi, a);
         for (int64_t hi = 0; hi < h; ++hi) {
-          const int64_t row = ((gi * m + a) * h + hi) * kC;
-          blocked_weights<F>(buf.mp, cap, q + row, qa + ((gi * m + a) * h + hi) * kW,
-                             buf.kt.ptr() + hi * kC * buf.mp, buf.theta_p.ptr(), buf.env_p.ptr(), buf.t.ptr(),
+          const int64_t row = ((gi * m + a) * h + hi) * c;
+          blocked_weights<F>(c, buf.mp, cap, q + row, qa + ((gi * m + a) * h + hi) * kW,
+                             buf.kt.ptr() + hi * c * buf.mp, buf.theta_p.ptr(), buf.env_p.ptr(), buf.t.ptr(),
                              buf.e.ptr(), buf.alpha.ptr(), buf.P.ptr());
-          for (int64_t half = 0; half < kC; half += 8) {
+          for (int64_t chunk = 0; chunk < c; chunk += 8) {
             F S[kW];
-            blocked_value_sums<F>(m, buf.mp, buf.P.ptr(), v + ((gi * m * h + hi) * kC + half), stride, S);
+            blocked_value_sums<F>(m, buf.mp, buf.P.ptr(), v + ((gi * m * h + hi) * c + chunk), stride, S);
             F o = zero<F>();
-            for (int64_t l = 0; l < kW; ++l) o = fma(load(A + ((hi * kW + l) * kC + half)), S[l], o);
-            store(out + (row + half), o);
+            for (int64_t l = 0; l < kW; ++l) o = fma(load(A + ((hi * kW + l) * c + chunk)), S[l], o);
+            store(out + (row + chunk), o);
           }
         }
       }
@@ -258,11 +258,11 @@ void backward_kernel(const Sizes& n, const float* grad, Ptr<N> q, Ptr<N> k, Ptr<
                              Ptr<N> theta, Ptr<N> A, float cap, Ptr<N> gq, Ptr<N> gk, Ptr<N> gv, Ptr<N> gqa,
                              Ptr<N> genv, Ptr<N> gtheta, Ptr<N> gA_threads, float* out_tangent) {
   at::parallel_for(0, n.g, 1, [&](int64_t begin, int64_t end) {
-    const int64_t m = n.m, h = n.h, stride = h * kC;
-    const Ptr<N> gA = gA_threads + at::get_thread_num() * h * kW * kC;
+    const int64_t m = n.m, h = n.h, c = n.c, stride = h * c;
+    const Ptr<N> gA = gA_threads + at::get_thread_num() * h * kW * c;
     BlockedBuffers<N> buf(n);
     const int64_t mp = buf.mp;
-    Buffer<N> GA_(kW * kC), galpha_(mp), gs_(mp), gtheta_(kW * mp), genv_(mp);
+    Buffer<N> GA_(kW * c), galpha_(mp), gs_(mp), gtheta_(kW * mp), genv_(mp);
     const Ptr<N> GA = GA_.ptr(), galpha = galpha_.ptr(), gs = gs_.ptr(), gtheta_p = gtheta_.ptr(),
                  genv_p = genv_.ptr(), theta_p = buf.theta_p.ptr(), env_p = buf.env_p.ptr(), P = buf.P.ptr();
     for (int64_t gi = begin; gi < end; ++gi) {
@@ -273,24 +273,24 @@ void backward_kernel(const Sizes& n, const float* grad, Ptr<N> q, Ptr<N> k, Ptr<
         gtheta_.clear();
         genv_.clear();
         for (int64_t hi = 0; hi < h; ++hi) {
-          const int64_t row = ((gi * m + a) * h + hi) * kC, qa_row = ((gi * m + a) * h + hi) * kW;
-          const int64_t head = (gi * m * h + hi) * kC;  // element (gi, 0, hi, 0)
-          const Scalar<N> inv = blocked_weights<N>(mp, cap, q + row, qa + qa_row, buf.kt.ptr() + hi * kC * mp,
+          const int64_t row = ((gi * m + a) * h + hi) * c, qa_row = ((gi * m + a) * h + hi) * kW;
+          const int64_t head = (gi * m * h + hi) * c;  // element (gi, 0, hi, 0)
+          const Scalar<N> inv = blocked_weights<N>(c, mp, cap, q + row, qa + qa_row, buf.kt.ptr() + hi * c * mp,
                                                    theta_p, env_p, buf.t.ptr(), buf.e.ptr(), buf.alpha.ptr(), P);
           // ∂/∂A_lc += G_ac S_lc; GA_lc = A_lc G_ac (and, on D numbers, out_ac = Σ_l A_lc S_lc)
-          for (int64_t half = 0; half < kC; half += 8) {
+          for (int64_t chunk = 0; chunk < c; chunk += 8) {
             N S[kW];
-            blocked_value_sums<N>(m, mp, P, v + (head + half), stride, S);
-            const N G = constant<N>(_mm256_loadu_ps(grad + row + half));
+            blocked_value_sums<N>(m, mp, P, v + (head + chunk), stride, S);
+            const N G = constant<N>(_mm256_loadu_ps(grad + row + chunk));
             if constexpr (std::is_same_v<N, D>) {
               N o = zero<N>();
-              for (int64_t l = 0; l < kW; ++l) o = fma(load(A + ((hi * kW + l) * kC + half)), S[l], o);
-              _mm256_storeu_ps(out_tangent + row + half, o.d);
+              for (int64_t l = 0; l < kW; ++l) o = fma(load(A + ((hi * kW + l) * c + chunk)), S[l], o);
+              _mm256_storeu_ps(out_tangent + row + chunk, o.d);
             }
             for (int64_t l = 0; l < kW; ++l) {
-              const Ptr<N> gAl = gA + ((hi * kW + l) * kC + half);
+              const Ptr<N> gAl = gA + ((hi * kW + l) * c + chunk);
               store(gAl, fma(G, S[l], load(gAl)));
-              store(GA + (l * kC + half), mul(load(A + ((hi * kW + l) * kC + half)), G));
+              store(GA + (l * c + chunk), mul(load(A + ((hi * kW + l) * c + chunk)), G));
             }
           }
           // D_lb = Σ_c GA_lc v_bc; ∂/∂α_b = Σ_l θ_alb D_lb; ∂/∂θ_alb += α_b D_lb
@@ -301,9 +301,9 @@ void backward_kernel(const Sizes& n, const float* grad, Ptr<N> q, Ptr<N> k, Ptr<
             for (int64_t l0 = 0; l0 < kW; l0 += kPass<N>) {
               N Dl[kPass<N>];
               for (int64_t l = 0; l < kPass<N>; ++l) Dl[l] = zero<N>();
-              for (int64_t ci = 0; ci < kC; ++ci) {
-                const N vc = load(buf.vt.ptr() + ((hi * kC + ci) * mp + j));
-                for (int64_t l = 0; l < kPass<N>; ++l) Dl[l] = fma(bcast(GA + ((l0 + l) * kC + ci)), vc, Dl[l]);
+              for (int64_t ci = 0; ci < c; ++ci) {
+                const N vc = load(buf.vt.ptr() + ((hi * c + ci) * mp + j));
+                for (int64_t l = 0; l < kPass<N>; ++l) Dl[l] = fma(bcast(GA + ((l0 + l) * c + ci)), vc, Dl[l]);
               }
               for (int64_t l = 0; l < kPass<N>; ++l) {
                 ga = fma(load(theta_p + ((l0 + l) * mp + j)), Dl[l], ga);
@@ -316,10 +316,10 @@ void backward_kernel(const Sizes& n, const float* grad, Ptr<N> q, Ptr<N> k, Ptr<
           }
           // ∂/∂v_bc += Σ_l P_lb GA_lc
           for (int64_t b = 0; b < m; ++b)
-            for (int64_t half = 0; half < kC; half += 8) {
-              const Ptr<N> gvb = gv + (head + b * stride + half);
+            for (int64_t chunk = 0; chunk < c; chunk += 8) {
+              const Ptr<N> gvb = gv + (head + b * stride + chunk);
               N acc = load(gvb);
-              for (int64_t l = 0; l < kW; ++l) acc = fma(bcast(P + (l * mp + b)), load(GA + (l * kC + half)), acc);
+              for (int64_t l = 0; l < kW; ++l) acc = fma(bcast(P + (l * mp + b)), load(GA + (l * c + chunk)), acc);
               store(gvb, acc);
             }
           // through the sink softmax and the capped exponential
@@ -345,16 +345,16 @@ void backward_kernel(const Sizes& n, const float* grad, Ptr<N> q, Ptr<N> k, Ptr<
             for (int64_t l = 0; l < kPass<N>; ++l) store_scalar(gqa + (qa_row + l0 + l), hsum(gqa_acc[l]));
           }
           // ∂/∂q_a = Σ_b gs_b k_b; ∂/∂k_b += gs_b q_a
-          for (int64_t half = 0; half < kC; half += 8) {
-            const N qh = load(q + (row + half));
+          for (int64_t chunk = 0; chunk < c; chunk += 8) {
+            const N qh = load(q + (row + chunk));
             N acc = zero<N>();
             for (int64_t b = 0; b < m; ++b) {
               const N g = bcast(gs + b);
-              acc = fma(g, load(k + (head + b * stride + half)), acc);
-              const Ptr<N> gkb = gk + (head + b * stride + half);
+              acc = fma(g, load(k + (head + b * stride + chunk)), acc);
+              const Ptr<N> gkb = gk + (head + b * stride + chunk);
               store(gkb, fma(g, qh, load(gkb)));
             }
-            store(gq + (row + half), acc);
+            store(gq + (row + chunk), acc);
           }
         }
         for (int64_t l = 0; l < kW; ++l) copy(gtheta_p + l * mp, m, gtheta + ((gi * m + a) * kW + l) * m);
@@ -375,7 +375,8 @@ Sizes checked_sizes(const torch::Tensor& q, const torch::Tensor& qa, std::initia
     TORCH_CHECK(x.scalar_type() == torch::kFloat && x.device().is_cpu() && x.is_contiguous(),
                 "line attention kernel: contiguous float32 CPU tensors only");
   const Sizes n{q.size(0), q.size(1), q.size(2), q.size(3), qa.size(3)};
-  TORCH_CHECK(n.c == kC && n.w == kW, "line attention kernel: 16 channels per head and 8 angle channels only");
+  TORCH_CHECK(n.c % 8 == 0 && n.w == kW,
+              "line attention kernel: a multiple of 8 channels per head and 8 angle channels only");
   return n;
 }
 
@@ -429,7 +430,7 @@ std::vector<torch::Tensor> double_backward(torch::Tensor grad, torch::Tensor q, 
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("forward", &forward, "line attention's bucket (float, c = 16, L + 1 = 8)");
+  m.def("forward", &forward, "line attention's bucket (float, c a multiple of 8, L + 1 = 8)");
   m.def("backward", &backward, "its vector-Jacobian product");
   m.def("double_backward", &double_backward, "the vjp of backward, on dual numbers");
 }

@@ -58,28 +58,38 @@ struct DP {  // where D numbers live: values and tangents in two arrays of the s
   float* d;
   DP operator+(int64_t i) const { return {x + i, d + i}; }
 };
+struct TP {  // where the double backward's gradients go: tangents only, since no one reads their values
+  float* d;
+  TP operator+(int64_t i) const { return {d + i}; }
+};
 template <class N> struct Num;
 template <> struct Num<F> {
   using Ptr = FP;
+  using Out = FP;
   using Scalar = float;
 };
 template <> struct Num<D> {
   using Ptr = DP;
+  using Out = TP;
   using Scalar = Ds;
 };
 template <class N> using Ptr = typename Num<N>::Ptr;
+template <class N> using Out = typename Num<N>::Out;  // where gradients are summed
 template <class N> using Scalar = typename Num<N>::Scalar;
 
 inline F load(FP p) { return {_mm256_loadu_ps(p.x)}; }
 inline D load(DP p) { return {_mm256_loadu_ps(p.x), _mm256_loadu_ps(p.d)}; }
 inline void store(FP p, F a) { _mm256_storeu_ps(p.x, a.x); }
 inline void store(DP p, D a) { _mm256_storeu_ps(p.x, a.x), _mm256_storeu_ps(p.d, a.d); }
+// a sum that starts at value 0: the compiler drops the value part of what only feeds it
+inline D load(TP p) { return {_mm256_setzero_ps(), _mm256_loadu_ps(p.d)}; }
+inline void store(TP p, D a) { _mm256_storeu_ps(p.d, a.d); }
 inline F bcast(FP p) { return {_mm256_set1_ps(*p.x)}; }
 inline D bcast(DP p) { return {_mm256_set1_ps(*p.x), _mm256_set1_ps(*p.d)}; }
 inline F bcast(float s) { return {_mm256_set1_ps(s)}; }
 inline D bcast(Ds s) { return {_mm256_set1_ps(s.x), _mm256_set1_ps(s.d)}; }
 inline void store_scalar(FP p, float s) { *p.x = s; }
-inline void store_scalar(DP p, Ds s) { *p.x = s.x, *p.d = s.d; }
+inline void store_scalar(TP p, Ds s) { *p.d = s.d; }
 template <class N> N zero();
 template <> inline F zero<F>() { return {_mm256_setzero_ps()}; }
 template <> inline D zero<D>() { return {_mm256_setzero_ps(), _mm256_setzero_ps()}; }
@@ -140,13 +150,13 @@ inline D one_minus_square(D t) {
           _mm256_mul_ps(_mm256_set1_ps(-2.0f), _mm256_mul_ps(t.x, t.d))};
 }
 
-// count numbers of type N, zero-initialised, with a pointer of their kind
-template <class N> struct Buffer {
+// count numbers, zero-initialised, behind a pointer of kind P (FP, DP or TP)
+template <class P> struct Buffer {
   std::vector<float> data;
   int64_t count;
-  explicit Buffer(int64_t count) : data((std::is_same_v<N, D> ? 2 : 1) * count), count(count) {}
-  Ptr<N> ptr() {
-    if constexpr (std::is_same_v<N, D>) return {data.data(), data.data() + count};
+  explicit Buffer(int64_t count) : data((std::is_same_v<P, DP> ? 2 : 1) * count), count(count) {}
+  P ptr() {
+    if constexpr (std::is_same_v<P, DP>) return {data.data(), data.data() + count};
     else return {data.data()};
   }
   void clear() { std::fill(data.begin(), data.end(), 0.0f); }
@@ -155,6 +165,7 @@ inline void copy(FP from, int64_t count, FP to) { std::copy_n(from.x, count, to.
 inline void copy(DP from, int64_t count, DP to) {
   std::copy_n(from.x, count, to.x), std::copy_n(from.d, count, to.d);
 }
+inline void copy(TP from, int64_t count, TP to) { std::copy_n(from.d, count, to.d); }
 inline void put(FP from, FP to) { *to.x = *from.x; }
 inline void put(DP from, DP to) { *to.x = *from.x, *to.d = *from.d; }
 
@@ -208,11 +219,11 @@ void blocked_value_sums(int64_t m, int64_t mp, Ptr<N> P, Ptr<N> v_head, int64_t 
 // Per block: kᵀ (and vᵀ) of every head, padded to mp columns; per row: the angle basis and envelope padded.
 template <class N> struct BlockedBuffers {
   int64_t m, mp;
-  Buffer<N> kt, vt, theta_p, env_p, t, e, alpha, P;
+  Buffer<Ptr<N>> kt, vt, theta_p, env_p, t, e, alpha, P;
   explicit BlockedBuffers(const Sizes& n)
       : m(n.m), mp((n.m + 7) / 8 * 8), kt(n.h * n.c * mp), vt(n.h * n.c * mp), theta_p(kW * mp), env_p(mp),
         t(mp), e(mp), alpha(mp), P(kW * mp) {}  // padding columns are zero and stay zero
-  void transpose(const Sizes& n, Ptr<N> x, int64_t gi, Buffer<N>& xt) {
+  void transpose(const Sizes& n, Ptr<N> x, int64_t gi, Buffer<Ptr<N>>& xt) {
     for (int64_t b = 0; b < m; ++b)
       for (int64_t hi = 0; hi < n.h; ++hi)
         for (int64_t ci = 0; ci < n.c; ++ci)
@@ -255,16 +266,18 @@ void forward_kernel(const Sizes& n, FP q, FP k, FP v, FP qa, FP env, FP theta, F
 // forward output's tangent to out_tangent.
 template <class N>
 void backward_kernel(const Sizes& n, const float* grad, Ptr<N> q, Ptr<N> k, Ptr<N> v, Ptr<N> qa, Ptr<N> env,
-                             Ptr<N> theta, Ptr<N> A, float cap, Ptr<N> gq, Ptr<N> gk, Ptr<N> gv, Ptr<N> gqa,
-                             Ptr<N> genv, Ptr<N> gtheta, Ptr<N> gA_threads, float* out_tangent) {
+                     Ptr<N> theta, Ptr<N> A, float cap, Out<N> gq, Out<N> gk, Out<N> gv, Out<N> gqa,
+                     Out<N> genv, Out<N> gtheta, Out<N> gA_threads, float* out_tangent) {
   at::parallel_for(0, n.g, 1, [&](int64_t begin, int64_t end) {
     const int64_t m = n.m, h = n.h, c = n.c, stride = h * c;
-    const Ptr<N> gA = gA_threads + at::get_thread_num() * h * kW * c;
+    const Out<N> gA = gA_threads + at::get_thread_num() * h * kW * c;
     BlockedBuffers<N> buf(n);
     const int64_t mp = buf.mp;
-    Buffer<N> GA_(kW * c), galpha_(mp), gs_(mp), gtheta_(kW * mp), genv_(mp);
-    const Ptr<N> GA = GA_.ptr(), galpha = galpha_.ptr(), gs = gs_.ptr(), gtheta_p = gtheta_.ptr(),
-                 genv_p = genv_.ptr(), theta_p = buf.theta_p.ptr(), env_p = buf.env_p.ptr(), P = buf.P.ptr();
+    Buffer<Ptr<N>> GA_(kW * c), galpha_(mp), gs_(mp);
+    Buffer<Out<N>> gtheta_(kW * mp), genv_(mp);
+    const Ptr<N> GA = GA_.ptr(), galpha = galpha_.ptr(), gs = gs_.ptr(), theta_p = buf.theta_p.ptr(),
+                 env_p = buf.env_p.ptr(), P = buf.P.ptr();
+    const Out<N> gtheta_p = gtheta_.ptr(), genv_p = genv_.ptr();
     for (int64_t gi = begin; gi < end; ++gi) {
       buf.transpose(n, k, gi, buf.kt);
       buf.transpose(n, v, gi, buf.vt);
@@ -288,7 +301,7 @@ void backward_kernel(const Sizes& n, const float* grad, Ptr<N> q, Ptr<N> k, Ptr<
               _mm256_storeu_ps(out_tangent + row + chunk, o.d);
             }
             for (int64_t l = 0; l < kW; ++l) {
-              const Ptr<N> gAl = gA + ((hi * kW + l) * c + chunk);
+              const Out<N> gAl = gA + ((hi * kW + l) * c + chunk);
               store(gAl, fma(G, S[l], load(gAl)));
               store(GA + (l * c + chunk), mul(load(A + ((hi * kW + l) * c + chunk)), G));
             }
@@ -307,7 +320,7 @@ void backward_kernel(const Sizes& n, const float* grad, Ptr<N> q, Ptr<N> k, Ptr<
               }
               for (int64_t l = 0; l < kPass<N>; ++l) {
                 ga = fma(load(theta_p + ((l0 + l) * mp + j)), Dl[l], ga);
-                const Ptr<N> gt = gtheta_p + ((l0 + l) * mp + j);
+                const Out<N> gt = gtheta_p + ((l0 + l) * mp + j);
                 store(gt, fma(alpha, Dl[l], load(gt)));
               }
             }
@@ -317,7 +330,7 @@ void backward_kernel(const Sizes& n, const float* grad, Ptr<N> q, Ptr<N> k, Ptr<
           // ∂/∂v_bc += Σ_l P_lb GA_lc
           for (int64_t b = 0; b < m; ++b)
             for (int64_t chunk = 0; chunk < c; chunk += 8) {
-              const Ptr<N> gvb = gv + (head + b * stride + chunk);
+              const Out<N> gvb = gv + (head + b * stride + chunk);
               N acc = load(gvb);
               for (int64_t l = 0; l < kW; ++l) acc = fma(bcast(P + (l * mp + b)), load(GA + (l * c + chunk)), acc);
               store(gvb, acc);
@@ -338,7 +351,7 @@ void backward_kernel(const Sizes& n, const float* grad, Ptr<N> q, Ptr<N> k, Ptr<
               const N g = load(gs + j);
               for (int64_t l = 0; l < kPass<N>; ++l) {
                 gqa_acc[l] = fma(g, load(theta_p + ((l0 + l) * mp + j)), gqa_acc[l]);
-                const Ptr<N> gt = gtheta_p + ((l0 + l) * mp + j);
+                const Out<N> gt = gtheta_p + ((l0 + l) * mp + j);
                 store(gt, fma(g, bcast(qa + (qa_row + l0 + l)), load(gt)));
               }
             }
@@ -351,7 +364,7 @@ void backward_kernel(const Sizes& n, const float* grad, Ptr<N> q, Ptr<N> k, Ptr<
             for (int64_t b = 0; b < m; ++b) {
               const N g = bcast(gs + b);
               acc = fma(g, load(k + (head + b * stride + chunk)), acc);
-              const Ptr<N> gkb = gk + (head + b * stride + chunk);
+              const Out<N> gkb = gk + (head + b * stride + chunk);
               store(gkb, fma(g, qh, load(gkb)));
             }
             store(gq + (row + chunk), acc);
@@ -410,15 +423,11 @@ std::vector<torch::Tensor> double_backward(torch::Tensor grad, torch::Tensor q, 
                                            torch::Tensor uqa, torch::Tensor uenv, torch::Tensor utheta,
                                            torch::Tensor uA, double cap) {
   const Sizes n = checked_sizes(q, qa, {grad, q, k, v, qa, env, theta, A, uq, uk, uv, uqa, uenv, utheta, uA});
-  std::vector<torch::Tensor> values, tangents;  // of gq, gk, gv, gqa, genv, gtheta, gA
-  for (const auto& x : {q, k, v, qa, env, theta}) {
-    values.push_back(torch::zeros_like(x));
-    tangents.push_back(torch::zeros_like(x));
-  }
-  values.push_back(torch::zeros({at::get_num_threads(), n.h, n.w, n.c}, A.options()));
-  tangents.push_back(torch::zeros_like(values.back()));
+  std::vector<torch::Tensor> tangents;  // of gq, gk, gv, gqa, genv, gtheta, gA: the double backward's output
+  for (const auto& x : {q, k, v, qa, env, theta}) tangents.push_back(torch::zeros_like(x));
+  tangents.push_back(torch::zeros({at::get_num_threads(), n.h, n.w, n.c}, A.options()));
   auto ggrad = torch::empty_like(q);
-  auto out = [&](int i) { return d_ptr(values[i], tangents[i]); };
+  auto out = [&](int i) { return TP{tangents[i].data_ptr<float>()}; };
   backward_kernel<D>(n, grad.data_ptr<float>(), d_ptr(q, uq), d_ptr(k, uk), d_ptr(v, uv), d_ptr(qa, uqa),
                      d_ptr(env, uenv), d_ptr(theta, utheta), d_ptr(A, uA), static_cast<float>(cap), out(0), out(1),
                      out(2), out(3), out(4), out(5), out(6), ggrad.data_ptr<float>());

@@ -4,7 +4,7 @@ The compiled bmm form of `matris.layers.line_attention_bucket` writes the (g, h,
 through memory at every derivative level and runs the value sums as tiny batched matmuls; this op keeps a
 block row's scores and value sums in vector registers instead (``csrc/line_attention.cpp``), and its double
 backward is its backward's own code run on dual numbers. On the issue batch one block's buckets take
-2.5-2.6× less time at the three levels of a training step (``benchmarks/bench_line_kernel.py``).
+about 2.5× less time at the three levels of a training step (``benchmarks/bench_line_kernel.py``).
 
 It covers float32 CPU tensors with a multiple of 8 channels per head and 8 angle channels (every preset
 but ``tiny``: 16 channels in ``matris-6l``, 48-72 in the MoE presets, 7 Legendre polynomials and the

@@ -6,6 +6,7 @@ import dataclasses
 import functools
 import platform
 import time
+import warnings
 
 import numpy as np
 import pytest
@@ -439,8 +440,8 @@ def test_line_kernel_equals_bmm_form_to_second_order(channels):
 
 @NEEDS_AVX2
 def test_training_step_with_line_kernel_equals_plain_ops(monkeypatch):
-    """A float32 model shaped for the kernel (8 angle channels) trains through it,
-    with the loss and parameter gradients of evaluation's plain ops, and FLOPs counted the same."""
+    """A float32 model shaped for the kernel (8 angle channels) trains through it, with the loss and
+    parameter gradients of evaluation's plain ops, and FLOPs counted the same."""
     monkeypatch.setattr(fused._Compiled, "enabled", False)  # plain ops elsewhere: isolate the line kernel
     calls = []
 
@@ -484,6 +485,9 @@ def test_failed_line_kernel_build_warns_once_and_keeps_bmm_form(monkeypatch):
     with pytest.warns(RuntimeWarning, match="g[+][+]: not found"):
         assert not line_kernel.applies(x["q"], x["qa"])
     assert not line_kernel._State.enabled
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once: the next call neither retries the build nor warns again
+        assert not line_kernel.applies(x["q"], x["qa"])
     out = line_attention_bucket(**x, cap=2.0, fused=True)
     assert type(out.grad_fn).__name__ != "_LineAttentionBackward"
 

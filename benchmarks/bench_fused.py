@@ -106,9 +106,9 @@ def kernel_cases(
     slots = sum(g * m for g, m in shapes)
     cases = {
         f"bond MLP activation ({edges:,} × {2 * d})": (
-            fused.scaled_swiglu,
-            lambda h, r: fused.scaled_swiglu(h, r, fused=False),
-            [[torch.randn(edges, 2 * d), torch.rand(edges) + 0.5]],
+            lambda h, x, rest: fused.scaled_swiglu(h, x, rest, 1e-6),
+            lambda h, x, rest: fused.scaled_swiglu(h, x, rest, 1e-6, fused=False),
+            [[torch.randn(edges, 2 * d), torch.randn(edges, d), torch.rand(edges) * 2 * d]],
         ),
         **{
             f"RMSNorm ({rows:,} × {d})": (
@@ -126,7 +126,7 @@ def kernel_cases(
         f"attention messages ({edges:,} edges × {h} heads)": (
             lambda *a: fused.sink_messages(*a, cap=cap),
             lambda *a: fused.sink_messages(*a, cap=cap, fused=False),
-            [[randn(edges, h, d // h), randn(edges, h, d // h), randn(edges, h, d // h), torch.rand(edges)]],
+            [[randn(edges, h, d // h), randn(edges, 2, h, d // h), torch.rand(edges)]],
         ),
     }
     return {

@@ -117,19 +117,28 @@ def twice_differentiable(forward: Kernel):
     return Op.apply
 
 
-def _swiglu_forward(h: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+def _swiglu_forward(
+    h: torch.Tensor, x: torch.Tensor, rest_square: torch.Tensor, eps: torch.Tensor
+) -> torch.Tensor:
+    width = x.shape[-1] * 3  # the row [atom_i | atom_j | x]
+    r = ((rest_square + x.square().sum(-1)) / width + eps).rsqrt().unsqueeze(-1)
     hg, hv = h.chunk(2, dim=-1)
-    r = r.unsqueeze(-1)
     return torch.nn.functional.silu(hg * r) * (hv * r)
 
 
 _scaled_swiglu = twice_differentiable(_swiglu_forward)
 
 
-def scaled_swiglu(h: torch.Tensor, r: torch.Tensor, fused: bool = True) -> torch.Tensor:
-    """``silu(h_g · r) · (h_v · r)`` for ``h = [h_g | h_v]`` (rows, 2H) and a row scale ``r`` (rows,): the
-    gated MLP's activation after an RMSNorm folded into its first matmul. ``fused=False``: plain ops."""
-    return _scaled_swiglu(h, r) if fused and available() else _swiglu_forward(h, r)
+def scaled_swiglu(
+    h: torch.Tensor, x: torch.Tensor, rest_square: torch.Tensor, eps: float, fused: bool = True
+) -> torch.Tensor:
+    """``silu(h_g · r) · (h_v · r)`` for ``h = [h_g | h_v]`` (rows, 2H), with ``r`` the inverse RMS of the
+    row ``[atom_i | atom_j | x]`` (3 equal widths), of which ``x`` (rows, d) is given and the two other
+    thirds only by their summed squares ``rest_square`` (rows,): the bond MLP's activation after an
+    RMSNorm folded into its first matmul. The row's squares are summed inside the kernel, so no
+    edge-sized square and its derivatives pass through memory. ``fused=False``: plain ops."""
+    args = (h, x, rest_square, h.new_full((), eps))
+    return _scaled_swiglu(*args) if fused and available() else _swiglu_forward(*args)
 
 
 def _rms_norm_forward(x: torch.Tensor, w: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
@@ -156,21 +165,25 @@ def capped_weights(scores: torch.Tensor, envelope: torch.Tensor, cap: float) -> 
 def _sink_messages(cap: float) -> tuple[Kernel, Kernel]:
     """The plain and the fused form of an attention sum's per-edge terms for one score cap."""
 
-    def sink_messages(q, k, v1, envelope):
+    def sink_messages(q, kv, envelope):
+        k, v = kv.unbind(1)
+        # [v | 1] by padding: with torch.cat([w * v, w]) instead, the backward compiled at one size gave
+        # wrong gradients at another (torch 2.13; test_fused_kernels_derivatives_to_second_order)
+        v1 = torch.nn.functional.pad(v, (0, 1), value=1.0)
         return capped_weights((q * k).sum(-1, keepdim=True), envelope[:, None, None], cap) * v1
 
     return sink_messages, twice_differentiable(sink_messages)
 
 
 def sink_messages(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, envelope: torch.Tensor, cap: float, fused: bool = True
+    q: torch.Tensor, kv: torch.Tensor, envelope: torch.Tensor, cap: float, fused: bool = True
 ) -> torch.Tensor:
     """Per edge and head, ``[w v | w]`` (edges, h, c + 1) with ``w = envelope · exp(cap · tanh(q·k / cap))``:
     what an attention sum scatters to its receiving nodes, numerator and normaliser in one tensor.
-    ``q``, ``k``, ``v`` (edges, h, c), ``envelope`` (edges,)."""
+    ``q`` (edges, h, c), keys and values stacked as ``kv`` (edges, 2, h, c) (one projection makes both,
+    and the fused kernel then returns their gradient as one tensor), ``envelope`` (edges,)."""
     plain, op = _sink_messages(cap)
-    v1 = torch.nn.functional.pad(v, (0, 1), value=1.0)  # [v | 1]
-    return op(q, k, v1, envelope) if fused and available() else plain(q, k, v1, envelope)
+    return op(q, kv, envelope) if fused and available() else plain(q, kv, envelope)
 
 
 @functools.cache

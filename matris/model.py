@@ -193,8 +193,7 @@ class InteractionBlock(nn.Module):
         hidden = torch.addmm(centre_part + neighbour_part, bonds, bond_w.T)
         square = atoms.square().sum(-1)
         square = square.index_select(0, g.centre) + square.index_select(0, g.neighbour)
-        mean_square = (square + bonds.square().sum(-1)) / (3 * d)
-        activation = scaled_swiglu(hidden, (mean_square + eps).rsqrt(), fused=self.training)
+        activation = scaled_swiglu(hidden, bonds, square, eps, fused=self.training)
         return torch.addmm(bonds, activation, (scale * mlp.w2.weight).T)
 
 

@@ -320,26 +320,26 @@ def test_fused_kernels_derivatives_to_second_order(monkeypatch, compiled, device
     monkeypatch.setattr(fused._Compiled, "enabled", compiled)
     generator = torch.Generator().manual_seed(0)
     shapes = {
-        "h": (7, 6), "r": (7,), "x": (2, 5, 4), "w": (4,),  # scaled_swiglu, rms_norm
+        "h": (7, 6), "b": (7, 4), "rest": (7,), "x": (2, 5, 4), "w": (4,),  # scaled_swiglu, rms_norm
         "qk": (2, 2, 3, 3), "qa": (2, 3, 2, 4), "envelope": (2, 1, 3, 3), "angle": (2, 3, 4, 3),  # line
-        "q": (5, 2, 3), "k": (5, 2, 3), "v": (5, 2, 3), "switch": (5,),  # sink_messages
+        "q": (5, 2, 3), "kv": (5, 2, 2, 3), "switch": (5,),  # sink_messages
     }
     t = {name: torch.randn(shape, generator=generator) for name, shape in shapes.items()}
-    for name in ("r", "envelope", "switch"):
+    for name in ("rest", "envelope", "switch"):
         t[name] = t[name].abs() + 0.5
     t = {name: x.to(device, torch.float64).requires_grad_() for name, x in t.items()}
     cases = [
-        (fused.scaled_swiglu, ("h", "r")),
+        (lambda h, b, rest: fused.scaled_swiglu(h, b, rest, 1e-3), ("h", "b", "rest")),
         (lambda x, w: fused.rms_norm(x, w, 1e-3), ("x", "w")),
         (lambda *args: fused.line_attention_weights(*args, cap=2.0), ("qk", "qa", "envelope", "angle")),
-        (lambda *args: fused.sink_messages(*args, cap=2.0), ("q", "k", "v", "switch")),
+        (lambda *args: fused.sink_messages(*args, cap=2.0), ("q", "kv", "switch")),
     ]
     # first all three levels at other sizes in float32, as a training step runs them before any check:
     # kernels compiled for one size, then reused at another, once gave wrong double derivatives
     other = {
-        "h": (9, 8), "r": (9,), "x": (3, 6, 8), "w": (8,),
+        "h": (9, 8), "b": (9, 5), "rest": (9,), "x": (3, 6, 8), "w": (8,),
         "qk": (3, 4, 5, 5), "qa": (3, 5, 4, 6), "envelope": (3, 1, 5, 5), "angle": (3, 5, 6, 5),
-        "q": (40, 4, 8), "k": (40, 4, 8), "v": (40, 4, 8), "switch": (40,),
+        "q": (40, 4, 8), "kv": (40, 2, 4, 8), "switch": (40,),
     }
     for op, names in cases:
         inputs = [(torch.rand(other[name], device=device) + 0.5).requires_grad_() for name in names]
@@ -362,10 +362,10 @@ def test_failed_compile_warns_once_and_training_goes_on_with_plain_ops(monkeypat
         raise RuntimeError("no C++ compiler")
 
     kernel.compiled = no_compiler
-    h, r = torch.randn(4, 6), torch.rand(4) + 0.5
+    args = torch.randn(4, 6), torch.randn(4, 3), torch.rand(4), torch.tensor(1e-6)
     with pytest.warns(RuntimeWarning, match=r"no C\+\+ compiler"):
-        out = kernel(h, r)
-    torch.testing.assert_close(out, fused._swiglu_forward(h, r))
+        out = kernel(*args)
+    torch.testing.assert_close(out, fused._swiglu_forward(*args))
     assert not fused.available()
     x, w = torch.randn(3, 4, requires_grad=True), torch.randn(4)
     y = fused.rms_norm(x, w, 1e-6, fused=True)

@@ -165,25 +165,21 @@ def capped_weights(scores: torch.Tensor, envelope: torch.Tensor, cap: float) -> 
 def _sink_messages(cap: float) -> tuple[Kernel, Kernel]:
     """The plain and the fused form of an attention sum's per-edge terms for one score cap."""
 
-    def sink_messages(q, kv, envelope):
-        k, v = kv.unbind(1)
-        # [v | 1] by padding: with torch.cat([w * v, w]) instead, the backward compiled at one size gave
-        # wrong gradients at another (torch 2.13; test_fused_kernels_derivatives_to_second_order)
-        v1 = torch.nn.functional.pad(v, (0, 1), value=1.0)
+    def sink_messages(q, k, v1, envelope):
         return capped_weights((q * k).sum(-1, keepdim=True), envelope[:, None, None], cap) * v1
 
     return sink_messages, twice_differentiable(sink_messages)
 
 
 def sink_messages(
-    q: torch.Tensor, kv: torch.Tensor, envelope: torch.Tensor, cap: float, fused: bool = True
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, envelope: torch.Tensor, cap: float, fused: bool = True
 ) -> torch.Tensor:
     """Per edge and head, ``[w v | w]`` (edges, h, c + 1) with ``w = envelope · exp(cap · tanh(q·k / cap))``:
     what an attention sum scatters to its receiving nodes, numerator and normaliser in one tensor.
-    ``q`` (edges, h, c), keys and values stacked as ``kv`` (edges, 2, h, c) (one projection makes both,
-    and the fused kernel then returns their gradient as one tensor), ``envelope`` (edges,)."""
+    ``q``, ``k``, ``v`` (edges, h, c), ``envelope`` (edges,)."""
     plain, op = _sink_messages(cap)
-    return op(q, kv, envelope) if fused and available() else plain(q, kv, envelope)
+    v1 = torch.nn.functional.pad(v, (0, 1), value=1.0)  # [v | 1]
+    return op(q, k, v1, envelope) if fused and available() else plain(q, k, v1, envelope)
 
 
 @functools.cache

@@ -190,7 +190,7 @@ class InteractionBlock(nn.Module):
         centre_w, neighbour_w, bond_w = (w.contiguous() for w in weight.split(d, dim=1))  # see AtomAttention
         centre_part = F.linear(atoms, centre_w).index_select(0, g.centre)
         neighbour_part = F.linear(atoms, neighbour_w).index_select(0, g.neighbour)
-        hidden = centre_part.add_(neighbour_part).addmm_(bonds, bond_w.T)  # in place: fresh gathered rows
+        hidden = torch.addmm(centre_part + neighbour_part, bonds, bond_w.T)
         square = atoms.square().sum(-1)
         square = square.index_select(0, g.centre) + square.index_select(0, g.neighbour)
         activation = scaled_swiglu(hidden, bonds, square, eps, fused=self.training)

@@ -21,8 +21,12 @@ def rss_gb() -> float:
         return int(fh.read().split()[1]) * resource.getpagesize() / 1e9
 
 
-def time_steps(step: Callable[[], None], steps: int, device: torch.device) -> dict:
-    """Run ``step`` once untimed, then ``steps`` times; the best step is the figure (shared machines)."""
+def time_steps(
+    step: Callable[[], None], steps: int, device: torch.device, after_each: Callable[[], object] | None = None
+) -> dict:
+    """Run ``step`` once untimed, then ``steps`` times; the best step is the figure (shared machines).
+
+    ``after_each``, if given, runs untimed right after every timed step; its results are ``after_each``."""
     cuda = device.type == "cuda"
     if cuda:
         torch.cuda.synchronize(device)
@@ -30,8 +34,8 @@ def time_steps(step: Callable[[], None], steps: int, device: torch.device) -> di
         base = torch.cuda.memory_allocated(device) / 1e9
     else:
         base = rss_gb()
-    times, cpu_times, faults = [], [], []
-    for _ in range(steps + 1):
+    times, cpu_times, faults, after = [], [], [], []
+    for i in range(steps + 1):
         start, cpu_start = time.perf_counter(), time.process_time()
         faults_start = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         step()
@@ -40,6 +44,8 @@ def time_steps(step: Callable[[], None], steps: int, device: torch.device) -> di
         times.append(time.perf_counter() - start)
         cpu_times.append(time.process_time() - cpu_start)
         faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults_start)
+        if after_each is not None and i > 0:
+            after.append(after_each())
     if cuda:
         peak = torch.cuda.max_memory_allocated(device) / 1e9
     else:
@@ -51,10 +57,12 @@ def time_steps(step: Callable[[], None], steps: int, device: torch.device) -> di
         "median_step_s": statistics.median(times[1:]),
         "step_times_s": times,
         "cpu_step_s": min(cpu_times[1:]),
+        "cpu_step_times_s": cpu_times,
         # pages the kernel zeroed on first touch: fresh memory from the allocator, the host's cost
         "minor_faults_per_step": statistics.median(faults[1:]),
         "peak_gb": peak,
         "step_gb": peak - base,
+        **({"after_each": after} if after_each is not None else {}),
     }
 
 

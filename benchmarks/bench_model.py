@@ -13,24 +13,26 @@ AdamW step; the step time is the best of ``--steps`` steps after one untimed war
 machine the median, also in the JSON, moves with other jobs).
 
 Ours (float32, random weights): ``matris-6l`` and ``matris-6l-moe``, the same model with both feed-forward
-layers of all six blocks as MoE layers of 8 experts, top-2, expert hidden width 128: two active experts
-have exactly the parameters of the dense 256-wide gated MLP they replace, so ``matris-6l`` is the dense
-model with the MoE's active parameter count. FLOPs are ``matris.flops.model_flops`` (matmuls of forward,
-force backward and parameter backward); FLOP efficiency divides FLOPs per second by the FLOPs per second
-of a 4096² fp32 matmul timed in the same process right after the steps. "matmul time" is the share of one
-profiled step (``torch.profiler``) spent in ``mm``/``addmm``/``bmm``, and "matmul eff." those kernels' own
-FLOP rate (FLOPs from their input shapes over their time) over the reference matmul's (for the peers, the
-reference of ``matris-6l`` in the same run). FLOP efficiency is their product (up to the profiler's
-overhead), and "matmul eff." is what a step of matmuls alone would reach: the batches' matmuls are tall
-and thin, (edges × 128) by (128 × 128), or batched and small, and run below the square reference. On a
-GPU "FP32-peak eff." also divides by the card's FP32 (non-tensor-core) peak from ``janus.flops.FP32_PEAK``,
-the measure of the published MatRIS paper, and "GPU busy" is the summed kernel time of one profiled step
-over the step time: low when the host, which launches the kernels one by one, sets the pace (every model,
-peers included, is profiled the same way). "CPU s/step" is the process CPU time of the fastest step (all
-threads) and "CPU FLOP eff." divides FLOPs per CPU second by the matmul's FLOPs per CPU second: unlike
-wall time it does not count the time other jobs hold the cores, so it stays meaningful on a shared
-machine (with 2 threads it includes OpenMP's spin-waiting). ``--threads 1`` is the robust setting when
-other jobs run: two OpenMP threads wait for each other at every parallel region.
+layers of all six blocks as MoE layers of 8 experts, top-2, expert hidden width 128: two active experts have
+exactly the parameters of the dense 256-wide gated MLP they replace, so ``matris-6l`` is the dense model with
+the MoE's active parameter count. FLOPs are ``matris.flops.model_flops`` (matmuls of forward, force backward
+and parameter backward); FLOP efficiency divides a step's FLOPs per second by the FLOPs per second of a 4096²
+fp32 matmul (best of 2) timed in the same process right after that step, and is the median of that ratio over
+the timed steps: the speed of a shared machine drifts by 10-20 % within minutes, and a reference taken minutes
+away from the steps moved the figure by as much. "matmul time" is the share of one profiled step
+(``torch.profiler``) spent in ``mm``/``addmm``/``bmm``, and "matmul eff." those kernels' own FLOP rate (FLOPs
+from their input shapes over their time) over the reference matmul's (for the peers, the reference of
+``matris-6l`` in the same run). FLOP efficiency is their product (up to the profiler's overhead), and "matmul
+eff." is what a step of matmuls alone would reach: the batches' matmuls are tall and thin, (edges × 128) by
+(128 × 128), or batched and small, and run below the square reference. On a GPU "FP32-peak eff." also divides
+by the card's FP32 (non-tensor-core) peak from ``janus.flops.FP32_PEAK``, the measure of the published MatRIS
+paper, and "GPU busy" is the summed kernel time of one profiled step over the step time: low when the host,
+which launches the kernels one by one, sets the pace (every model, peers included, is profiled the same way).
+"CPU s/step" is the process CPU time of the fastest step (all threads) and "CPU FLOP eff." divides FLOPs per
+CPU second by the matmul's FLOPs per CPU second (paired and the median, as above): unlike wall time it does
+not count the time other jobs hold the cores, so it stays meaningful on a shared machine (with 2 threads it
+includes OpenMP's spin-waiting). ``--threads 1`` is the robust setting when other jobs run: two OpenMP threads
+wait for each other at every parallel region.
 
 Peers run in their own venv (``--peers-python``) through ``_peers_model.py``: the published MatRIS (PyPI
 ``matris`` 0.1.0, ``num_layers=6``) on the first ``--pub-structures`` structures only, because it needs
@@ -49,6 +51,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -155,10 +158,20 @@ def measure(name: str, frames_path: Path, steps: int, device: torch.device, vari
         loss.backward()
         optimizer.step()
 
-    timing = time_steps(step, steps, device)
+    # the reference matmul right after every timed step, so that each step is divided by the machine's
+    # rate of that moment: on a shared machine the rate drifts by 10-20 % within minutes
+    timing = time_steps(step, steps, device, after_each=lambda: matmul_flops_per_s(device, repeats=2))
+    references = timing.pop("after_each")
     profile = profile_step(step, device, timing["step_s"])
     flops = model_flops(model, batch)
-    matmul, matmul_cpu = matmul_flops_per_s(device)
+    matmul, matmul_cpu = (statistics.median(r[i] for r in references) for i in (0, 1))
+
+    def efficiency(clock: str, i: int) -> float:
+        """Median over the timed steps of FLOPs per second over the reference matmul's right after."""
+        return statistics.median(
+            flops["total"] / t / r[i] for t, r in zip(timing[clock][1:], references, strict=True)
+        )
+
     peak = table_peak_flops(device)  # the card's FP32 peak, the paper's measure; None on CPUs
     return {
         "model": name,
@@ -173,9 +186,10 @@ def measure(name: str, frames_path: Path, steps: int, device: torch.device, vari
         "flops": flops,
         "flops_per_s": flops["total"] / timing["step_s"],
         "matmul_flops_per_s": matmul,
-        "flop_efficiency": flops["total"] / timing["step_s"] / matmul,
+        "matmul_flops_per_s_after_steps": [r[0] for r in references],
+        "flop_efficiency": efficiency("step_times_s", 0),
         "matmul_flops_per_cpu_s": matmul_cpu,
-        "cpu_flop_efficiency": flops["total"] / timing["cpu_step_s"] / matmul_cpu,
+        "cpu_flop_efficiency": efficiency("cpu_step_times_s", 1),
         "fp32_peak_efficiency": peak and flops["total"] / timing["step_s"] / peak,
     }
 

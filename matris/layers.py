@@ -169,8 +169,9 @@ class LineAttention(nn.Module):
         message = sink_attention(q, k, v, envelope, target, e, self.cap, fused=self.training)
         return self.out(message.flatten(1))
 
-    def dense(self, x: torch.Tensor, blocks: TripletBlocks) -> torch.Tensor:
-        """Updates (P, d) of the slots of ``blocks`` from their bond features ``x`` (P, d).
+    def dense(self, x: torch.Tensor, blocks: TripletBlocks, scale: torch.Tensor | float = 1.0):
+        """Updates (P, d) of the slots of ``blocks`` from their bond features ``x`` (P, d), times ``scale``
+        (a residual scale, folded into the output projection's weight rather than applied per slot).
 
         Per head, with c channels: score_ab = q_a·k_b/√c + Σ_l θ_ab,l (A_kᵀ q_a)_l/√c, where A_kᵀ q is
         one more projection of x; the value sum Σ_b α_ab v_b ⊙ (A_v θ̃_ab) is one matmul over (l, b) of
@@ -184,23 +185,20 @@ class LineAttention(nn.Module):
         angle_q = torch.einsum("hcl,hcd->hld", angle_k, self.q.weight.view(h, c, d)).reshape(-1, d)
         angle_v = torch.cat([self.angle_v.weight, self.angle_v.bias.unsqueeze(-1)], dim=1)
         angle_v = angle_v.view(h, c, width).transpose(1, 2).contiguous().unsqueeze(2)  # (h, L + 1, 1, c)
-        sizes = [g * m for g, m in blocks.shapes]
-        projections = (
-            F.linear(x, self.q.weight / math.sqrt(c)).split(sizes),
-            self.k(x).split(sizes),
-            self.v(x).split(sizes),
-            F.linear(x, angle_q).split(sizes),
-        )
+        # one matmul for the four projections: fewer, wider matmuls at each of the three derivative levels
+        weight = torch.cat([self.q.weight / math.sqrt(c), self.k.weight, self.v.weight, angle_q])
+        projections = F.linear(x, weight).split([g * m for g, m in blocks.shapes])
         out = []
-        for (g, m), q, k, v, qa, envelope, angle in zip(
-            blocks.shapes, *projections, blocks.envelope, blocks.angle, strict=True
+        for (g, m), projection, envelope, angle in zip(
+            blocks.shapes, projections, blocks.envelope, blocks.angle, strict=True
         ):
+            q, k, v, qa = projection.split([d, d, d, h * width], dim=1)
             q, k, v = (y.view(g, m, h, c) for y in (q, k, v))
             bucket = line_attention_bucket(
                 q, k, v, qa.view(g, m, h, width), envelope, angle, angle_v, self.cap, fused=self.training
             )
             out.append(bucket.reshape(g * m, d))
-        return self.out(torch.cat(out))
+        return F.linear(torch.cat(out), scale * self.out.weight)
 
 
 def line_attention_bucket(

@@ -169,8 +169,8 @@ class InteractionBlock(nn.Module):
             )
         else:
             slots = g.triplets.bonds
-            update = self.line_attention.dense(self.line_norm(bonds.index_select(0, slots)), g.triplets)
-            bonds = bonds.index_add(0, slots, scale[1] * update)
+            x = self.line_norm(bonds.index_select(0, slots))
+            bonds = bonds.index_add(0, slots, self.line_attention.dense(x, g.triplets, scale[1]))
         query = self.message_norm(atoms)
         source = query + _apply(self.message, query, g.z, routing)
         atoms = atoms + scale[2] * self.atom_attention(

@@ -28,7 +28,7 @@ from matris.layers import (
 )
 from matris.moe import MoE
 
-MAX_BUCKETS = 4  # degree buckets of the dense line graph: padding vs. number of batched calls
+MAX_BUCKETS = 8  # degree buckets of the dense line graph: padding vs. number of batched calls
 
 
 def _short_bonds(

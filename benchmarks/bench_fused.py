@@ -29,6 +29,7 @@ from rich.table import Table
 
 from matris import fused
 from matris.batch import Batch
+from matris.config import ModelConfig
 from matris.model import triplet_slots
 
 FIRST_STEPS = """
@@ -82,12 +83,12 @@ def best_times(ops: dict[str, Callable], calls: list[list[torch.Tensor]], repeat
     return {name: min(t) for name, t in times.items()}
 
 
-def bucket_shapes(batch: Batch, three_body_cutoff: float) -> list[tuple[int, int]]:
+def bucket_shapes(batch: Batch, config: ModelConfig) -> list[tuple[int, int]]:
     """(blocks, size) of every bucket of ``batch``'s dense line graph, as `MatRIS.geometry` builds it."""
     centre, neighbour = batch.edge_index
     shift = torch.bmm(batch.edge_shift.unsqueeze(1), batch.cell[batch.atom_structure[centre]]).squeeze(1)
     length = (batch.positions[neighbour] + shift - batch.positions[centre]).norm(dim=-1)
-    return triplet_slots(batch.edge_index, length, three_body_cutoff)[2]
+    return triplet_slots(batch.edge_index, length, config.three_body_cutoff, config.line_buckets)[2]
 
 
 def kernel_cases(
@@ -96,7 +97,7 @@ def kernel_cases(
     """Fused op, plain op and inputs of every kernel, shaped as in ``matris-6l`` on the issue's batch."""
     config = MODELS["matris-6l"]
     batch = labelled_batch(select(path, 32), config.cutoff)
-    shapes = bucket_shapes(batch, config.three_body_cutoff)
+    shapes = bucket_shapes(batch, config)
     edges, d, h = batch.num_edges, config.dim, config.num_heads
     width, cap, randn = config.num_angular + 1, config.score_cap, torch.randn
     line = [

@@ -136,7 +136,7 @@ def main() -> None:
     if error > 1e-4:
         raise SystemExit(f"matris.line_kernel differs from the plain bmm form by {error:.2e}")
 
-    shapes = bucket_shapes(labelled_batch(select(args.input, 32), config.cutoff), config.three_body_cutoff)
+    shapes = bucket_shapes(labelled_batch(select(args.input, 32), config.cutoff), config)
     rows = {
         f"{g} × {m}": time_bucket(bucket_operands(g, m, h, c, width), cap, args.repeats) for g, m in shapes
     }

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
 class ModelConfig(BaseModel):
@@ -44,6 +44,9 @@ class ModelConfig(BaseModel):
     tasks: list[str] = ["default"]
     max_z: int = 118
     magmom_head: bool = False
+    # degree buckets of the dense line graph: fewer pad more, more run more batched calls; every count gives
+    # the same energies (padding contributes exact zeros)
+    line_buckets: int = Field(default=8, ge=1)
 
     @model_validator(mode="after")
     def _check(self) -> ModelConfig:

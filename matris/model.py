@@ -28,8 +28,6 @@ from matris.layers import (
 )
 from matris.moe import MoE
 
-MAX_BUCKETS = 8  # degree buckets of the dense line graph: padding vs. number of batched calls
-
 
 def _short_bonds(
     edge_index: torch.Tensor, edge_length: torch.Tensor, cutoff: float
@@ -83,7 +81,7 @@ def _bucket_sizes(degrees: list[int], counts: list[int], max_buckets: int) -> li
 
 @torch.no_grad()
 def triplet_slots(
-    edge_index: torch.Tensor, edge_length: torch.Tensor, cutoff: float, max_buckets: int = MAX_BUCKETS
+    edge_index: torch.Tensor, edge_length: torch.Tensor, cutoff: float, max_buckets: int
 ) -> tuple[torch.Tensor, torch.Tensor, list[tuple[int, int]]]:
     """Slots of the dense line graph (`TripletBlocks`): the edge of every slot (padding repeats the
     centre's first short bond), whether it is a real bond, and the (centres, size) of every bucket."""
@@ -262,7 +260,7 @@ class MatRIS(nn.Module):
     ) -> TripletBlocks:
         """The dense line graph of the bonds shorter than the three-body cutoff, angles and switches."""
         cutoff = self.config.three_body_cutoff
-        slots, real, shapes = triplet_slots(edge_index, length, cutoff)
+        slots, real, shapes = triplet_slots(edge_index, length, cutoff, self.config.line_buckets)
         sizes = [g * m for g, m in shapes]
         unit = (vector / length.unsqueeze(-1)).index_select(0, slots).split(sizes)
         switch = (polynomial_envelope(length, cutoff).index_select(0, slots) * real).split(sizes)

@@ -67,12 +67,16 @@ def three_levels(op: Callable, inputs: list[torch.Tensor]) -> None:
     sum(g.sum() for g in grads).backward()
 
 
-def best_times(ops: dict[str, Callable], calls: list[list[torch.Tensor]], repeats: int) -> dict[str, float]:
-    """Best time of all ``calls`` per op in ``ops``, the ops alternating within each repeat."""
+def best_times(
+    cases: dict[str, tuple[Callable, list[list[torch.Tensor]]]], repeats: int
+) -> dict[str, float]:
+    """Best time of all its calls per case, a case being an op and the inputs of its calls, the cases
+    alternating within each repeat (on a shared machine, so that drift hits every case alike)."""
+    _, calls = next(iter(cases.values()))
     sync = torch.cuda.synchronize if calls[0][0].is_cuda else lambda: None
-    times = {name: [] for name in ops}
+    times = {name: [] for name in cases}
     for repeat in range(repeats + 2):  # two warm-up rounds: compiling, then the allocator
-        for name, op in ops.items():
+        for name, (op, calls) in cases.items():
             sync()
             start = time.perf_counter()
             for inputs in calls:
@@ -162,7 +166,7 @@ def main() -> None:
 
     kernels = {}
     for name, (fused_op, plain_op, calls) in kernel_cases(args.input, device).items():
-        kernels[name] = best_times({"fused": fused_op, "plain": plain_op}, calls, args.repeats)
+        kernels[name] = best_times({"fused": (fused_op, calls), "plain": (plain_op, calls)}, args.repeats)
     threads = f"{torch.get_num_threads()} threads"
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else threads
     table = Table(title=f"fwd + bwd + double bwd, best of {args.repeats}, {where}")

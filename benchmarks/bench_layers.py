@@ -1,6 +1,7 @@
 """Where the training step of ``matris-6l`` spends its time: each layer's share and FLOP efficiency.
 
     python benchmarks/bench_layers.py [--input FILE] [--repeats 5] [--device cpu|cuda] [--json PATH]
+                                      [--line-buckets N ...]
 
 On the issue's batch (the first 32 structures of ``crystals_pbe.extxyz.gz`` with at least 12 Å³ per atom),
 every layer of one interaction block runs as in training: forward, the backward to its inputs with
@@ -10,7 +11,10 @@ bases, envelopes), so each layer gets exactly the graph shapes of the whole step
 layer times six (the block count), the geometry (radial and angle bases of the positions), their sum,
 and the whole step as in ``bench_model.py`` (embedding, readout, loss and optimizer included). In
 isolation a layer differentiates with respect to all its inputs and runs with its own caches, so the sum
-comes out above the whole step: read the shares and the efficiencies, not the sum. FLOPs are
+comes out above the whole step: read the shares and the efficiencies, not the sum. ``--line-buckets``
+adds rows of line attention with the dense line graph cut into other numbers of degree buckets (same
+weights, outside the sum), the trade between padding and batched calls; the line-attention rows are then
+timed alternating, one call of each per round, so that the machine's drift hits them alike. FLOPs are
 `torch.utils.flop_counter` matmul FLOPs, efficiency is FLOPs per second over the 4096² fp32 matmul rate
 timed in the same process, as in ``bench_model.py`` (8192² with TF32 off on a GPU).
 """
@@ -26,7 +30,7 @@ from pathlib import Path
 import ase.io
 import torch
 from _step_timing import time_steps
-from bench_fused import three_levels
+from bench_fused import best_times, three_levels
 from bench_model import DATA, MODELS, labelled_batch, matmul_flops_per_s, measure, select
 from rich.console import Console
 from rich.table import Table
@@ -66,7 +70,7 @@ def layer_cases(model: MatRIS, frames: list) -> dict[str, Case]:
             lambda a, b: block.refine_bonds(a, b, g, block.residual_scale[0]),
             [atoms, bonds],
         ),
-        f"line attention ({sum(m * m * n for n, m in t.shapes):,} block pairs)": (
+        f"line attention ({len(t.shapes)} buckets, {sum(m * m * n for n, m in t.shapes):,} block pairs)": (
             line_attention,
             [bonds, *t.angle, *t.envelope],
         ),
@@ -98,6 +102,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--line-buckets", type=int, nargs="+", default=[], metavar="N")
     args = parser.parse_args()
     device = torch.device(args.device)
     frames = select(args.input, 32)
@@ -105,17 +110,31 @@ def main() -> None:
     torch.manual_seed(0)
     model = MatRIS(config).to(device)
 
+    cases = layer_cases(model, frames)
+    summed = list(cases)
+    line = {k: v for k, v in cases.items() if k.startswith("line attention")}
+    for count in args.line_buckets:
+        other = MatRIS(config.model_copy(update={"line_buckets": count})).to(device)
+        other.load_state_dict(model.state_dict())
+        line.update((k, v) for k, v in layer_cases(other, frames).items() if k.startswith("line attention"))
+    cases.update(line)
+    alternating = {}
+    if args.line_buckets:
+        alternating = best_times({k: (op, [x]) for k, (op, x) in line.items()}, args.repeats)
     rows = {}
-    for name, (op, tensors) in layer_cases(model, frames).items():
+    for name, (op, tensors) in cases.items():
+        if name in alternating:
+            step_s = alternating[name]
+        else:
+            step_s = time_steps(lambda op=op, x=tensors: three_levels(op, x), args.repeats, device)["step_s"]
         times = 1 if name.startswith("geometry") else config.num_blocks
-        timing = time_steps(lambda op=op, tensors=tensors: three_levels(op, tensors), args.repeats, device)
-        rows[name] = {"s": times * timing["step_s"], "flops": times * count_flops(op, tensors)}
+        rows[name] = {"s": times * step_s, "flops": times * count_flops(op, tensors)}
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "batch.extxyz"
         ase.io.write(path, frames, format="extxyz")
         step = measure("matris-6l", path, args.repeats, device)
     matmul, _ = matmul_flops_per_s(device)
-    layers = {"s": sum(r["s"] for r in rows.values()), "flops": sum(r["flops"] for r in rows.values())}
+    layers = {"s": sum(rows[k]["s"] for k in summed), "flops": sum(rows[k]["flops"] for k in summed)}
     rows["sum of the rows above"] = layers
     rows["whole step"] = {"s": step["step_s"], "flops": step["flops"]["total"]}
 

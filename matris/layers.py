@@ -169,7 +169,9 @@ class LineAttention(nn.Module):
         message = sink_attention(q, k, v, envelope, target, e, self.cap, fused=self.training)
         return self.out(message.flatten(1))
 
-    def dense(self, x: torch.Tensor, blocks: TripletBlocks, scale: torch.Tensor | float = 1.0):
+    def dense(
+        self, x: torch.Tensor, blocks: TripletBlocks, scale: torch.Tensor | float = 1.0
+    ) -> torch.Tensor:
         """Updates (P, d) of the slots of ``blocks`` from their bond features ``x`` (P, d), times ``scale``
         (a residual scale, folded into the output projection's weight rather than applied per slot).
 

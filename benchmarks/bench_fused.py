@@ -131,7 +131,7 @@ def kernel_cases(
         f"attention messages ({edges:,} edges × {h} heads)": (
             lambda *a: fused.sink_messages(*a, cap=cap),
             lambda *a: fused.sink_messages(*a, cap=cap, fused=False),
-            [[randn(edges, h, d // h), randn(edges, h, d // h), randn(edges, h, d // h), torch.rand(edges)]],
+            [[randn(edges, h, d // h), randn(edges, 2 * d), torch.rand(edges)]],
         ),
     }
     return {

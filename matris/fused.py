@@ -34,9 +34,19 @@ class _Compiled:
 
     enabled = os.environ.get("MATRIS_COMPILE", "1") != "0"
 
-    def __init__(self, kernel: Kernel):
-        self.kernel = kernel
+    def __init__(self, kernel: Kernel, rows_only: bool = False):
+        self.kernel, self.rows_only = kernel, rows_only
         self.compiled: Kernel | None = None  # made on first use: importing dynamo costs ~1 s per process
+
+    def _detached(self, arg: torch.Tensor) -> torch.Tensor:
+        """``arg`` detached: inputs inside an autograd.Function may or may not require grad, and dynamo
+        would compile once for each pattern. With ``rows_only``, its dimensions after the first are
+        compiled as constants."""
+        arg = arg.detach()
+        if self.rows_only:
+            for dim in range(1, arg.dim()):
+                torch._dynamo.mark_static(arg, dim)
+        return arg
 
     def __call__(self, *args: torch.Tensor):
         # under a Python dispatch mode (janus's FLOP meter, FlopCounterMode) dynamo does not compile: run
@@ -45,9 +55,7 @@ class _Compiled:
             try:
                 if self.compiled is None:
                     self.compiled = torch.compile(self.kernel, dynamic=True, fullgraph=True)
-                # detached: inputs inside an autograd.Function may or may not require grad, and dynamo
-                # would compile once for each pattern
-                return self.compiled(*(arg.detach() for arg in args))
+                return self.compiled(*(self._detached(arg) for arg in args))
             except Exception as error:
                 _Compiled.enabled = False
                 warnings.warn(
@@ -71,9 +79,11 @@ def _renamed(function: types.FunctionType, name: str) -> types.FunctionType:
     return types.FunctionType(code, function.__globals__, name, function.__defaults__, function.__closure__)
 
 
-def twice_differentiable(forward: Kernel):
+def twice_differentiable(forward: Kernel, rows_only: bool = False):
     """An op from a pure function ``forward(*inputs) -> tensor`` whose backward and backward-of-backward
     are derived by `torch.func.vjp` and compiled like the forward: each level is one compiled graph.
+    ``rows_only``: only the first dimension of the inputs changes between calls (edges, atoms), the others
+    are compiled as constants, which lets inductor index slices of a row at fixed offsets.
 
     Backward recomputes what it needs from the inputs instead of saving intermediates: elementwise work
     is cheaper than the memory traffic of storing it.
@@ -88,9 +98,9 @@ def twice_differentiable(forward: Kernel):
         return torch.func.vjp(backward, *grad_and_inputs)[1](cotangents)
 
     compiled_forward, compiled_backward, compiled_double_backward = (
-        _Compiled(_renamed(forward, forward.__name__)),
-        _Compiled(_renamed(backward, f"{forward.__name__}_backward")),
-        _Compiled(_renamed(double_backward, f"{forward.__name__}_double_backward")),
+        _Compiled(_renamed(forward, forward.__name__), rows_only),
+        _Compiled(_renamed(backward, f"{forward.__name__}_backward"), rows_only),
+        _Compiled(_renamed(double_backward, f"{forward.__name__}_double_backward"), rows_only),
     )
 
     class Backward(torch.autograd.Function):
@@ -126,7 +136,7 @@ def _swiglu_forward(
     return torch.nn.functional.silu(hg * r) * (hv * r)
 
 
-_scaled_swiglu = twice_differentiable(_swiglu_forward)
+_scaled_swiglu = twice_differentiable(_swiglu_forward, rows_only=True)
 
 
 def scaled_swiglu(
@@ -145,7 +155,7 @@ def _rms_norm_forward(x: torch.Tensor, w: torch.Tensor, eps: torch.Tensor) -> to
     return x * (x.square().mean(-1, keepdim=True) + eps).rsqrt() * w
 
 
-_rms_norm = twice_differentiable(_rms_norm_forward)
+_rms_norm = twice_differentiable(_rms_norm_forward, rows_only=True)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, fused: bool = True) -> torch.Tensor:
@@ -165,21 +175,26 @@ def capped_weights(scores: torch.Tensor, envelope: torch.Tensor, cap: float) -> 
 def _sink_messages(cap: float) -> tuple[Kernel, Kernel]:
     """The plain and the fused form of an attention sum's per-edge terms for one score cap."""
 
-    def sink_messages(q, k, v1, envelope):
-        return capped_weights((q * k).sum(-1, keepdim=True), envelope[:, None, None], cap) * v1
+    def sink_messages(q, kv, envelope):
+        width = q.shape[1] * q.shape[2]
+        k, v = kv[:, :width].view(q.shape), kv[:, width:].view(q.shape)
+        w = capped_weights((q * k).sum(-1, keepdim=True), envelope[:, None, None], cap)
+        return w * torch.nn.functional.pad(v, (0, 1), value=1.0)  # [w v | w]
 
-    return sink_messages, twice_differentiable(sink_messages)
+    return sink_messages, twice_differentiable(sink_messages, rows_only=True)
 
 
 def sink_messages(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, envelope: torch.Tensor, cap: float, fused: bool = True
+    q: torch.Tensor, kv: torch.Tensor, envelope: torch.Tensor, cap: float, fused: bool = True
 ) -> torch.Tensor:
     """Per edge and head, ``[w v | w]`` (edges, h, c + 1) with ``w = envelope · exp(cap · tanh(q·k / cap))``:
     what an attention sum scatters to its receiving nodes, numerator and normaliser in one tensor.
-    ``q``, ``k``, ``v`` (edges, h, c), ``envelope`` (edges,)."""
+    ``q`` (edges, h, c), keys and values side by side as ``kv`` (edges, 2 h c), ``envelope`` (edges,).
+    Keys and values come as the one matrix a matmul makes, so that the kernel reads them in place and
+    writes their gradient as one tensor: split outside, with the ones channel padded on outside, they
+    cost copies and a stack of their two gradients at every derivative level."""
     plain, op = _sink_messages(cap)
-    v1 = torch.nn.functional.pad(v, (0, 1), value=1.0)  # [v | 1]
-    return op(q, k, v1, envelope) if fused and available() else plain(q, k, v1, envelope)
+    return op(q, kv, envelope) if fused and available() else plain(q, kv, envelope)
 
 
 @functools.cache

@@ -74,8 +74,7 @@ class GatedMLP(nn.Module):
 
 def sink_attention(
     q: torch.Tensor,
-    k: torch.Tensor,
-    values: torch.Tensor,
+    kv: torch.Tensor,
     envelope: torch.Tensor,
     index: torch.Tensor,
     size: int,
@@ -87,10 +86,10 @@ def sink_attention(
     ``w = envelope · exp(cap · tanh(q·k / cap))`` and ``α = w / (1 + Σ_node w)``: scores are bounded so
     ``exp`` cannot overflow, and the constant sink keeps α continuous when an edge's envelope reaches zero.
     Computed as ``(Σ w v) / (1 + Σ w)``: one scatter of ``[w v | w]`` (`matris.fused.sink_messages`) and a
-    division per node, not a normaliser gathered to every edge. ``q``, ``k``, ``values`` (edges, h, c),
-    ``envelope`` (edges,); ``fused``: the compiled kernel (training).
+    division per node, not a normaliser gathered to every edge. ``q`` (edges, h, c), keys and values side
+    by side as ``kv`` (edges, 2 h c), ``envelope`` (edges,); ``fused``: the compiled kernel (training).
     """
-    messages = sink_messages(q, k, values, envelope, cap, fused=fused)
+    messages = sink_messages(q, kv, envelope, cap, fused=fused)
     summed = messages.new_zeros(size, *messages.shape[1:]).index_add(0, index, messages)
     return summed[..., :-1] / (1 + summed[..., -1:])
 
@@ -115,9 +114,8 @@ class AtomAttention(nn.Module):
         # (2d, d) each: contiguous copies, since BLAS runs x @ w.T some 30 % slower when w is a column slice
         source_w, bond_w = (w.contiguous() for w in torch.cat([self.k.weight, self.v.weight]).split(d, dim=1))
         kv = torch.addmm(F.linear(source, source_w).index_select(0, neighbour), bond, bond_w.T)
-        k, v = kv.view(-1, 2, h, d // h).unbind(1)
         q = F.linear(query, self.q.weight / math.sqrt(d // h)).view(n, h, -1).index_select(0, centre)
-        message = sink_attention(q, k, v, envelope, centre, n, self.cap, fused=self.training)
+        message = sink_attention(q, kv, envelope, centre, n, self.cap, fused=self.training)
         return self.out(message.flatten(1))
 
 
@@ -164,9 +162,10 @@ class LineAttention(nn.Module):
         sizes, which the data-dependent bucket shapes of `dense` would not allow)."""
         h, e = self.num_heads, bond.shape[0]
         q = (self.q(bond) / math.sqrt(bond.shape[1] // h)).unflatten(-1, (h, -1))[target]
-        k = (self.k(bond)[source] + self.angle_k(angle)).unflatten(-1, (h, -1))
-        v = (self.v(bond)[source] * self.angle_v(angle)).unflatten(-1, (h, -1))
-        message = sink_attention(q, k, v, envelope, target, e, self.cap, fused=self.training)
+        k = self.k(bond)[source] + self.angle_k(angle)
+        v = self.v(bond)[source] * self.angle_v(angle)
+        kv = torch.cat([k, v], dim=1)
+        message = sink_attention(q, kv, envelope, target, e, self.cap, fused=self.training)
         return self.out(message.flatten(1))
 
     def dense(

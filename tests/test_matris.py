@@ -335,7 +335,7 @@ def test_fused_kernels_derivatives_to_second_order(monkeypatch, compiled, device
     shapes = {
         "h": (7, 6), "b": (7, 4), "rest": (7,), "x": (2, 5, 4), "w": (4,),  # scaled_swiglu, rms_norm
         "qk": (2, 2, 3, 3), "qa": (2, 3, 2, 4), "envelope": (2, 1, 3, 3), "angle": (2, 3, 4, 3),  # line
-        "q": (5, 2, 3), "k": (5, 2, 3), "v": (5, 2, 3), "switch": (5,),  # sink_messages
+        "q": (5, 2, 3), "kv": (5, 12), "switch": (5,),  # sink_messages
     }
     t = {name: torch.randn(shape, generator=generator) for name, shape in shapes.items()}
     for name in ("rest", "envelope", "switch"):
@@ -345,14 +345,14 @@ def test_fused_kernels_derivatives_to_second_order(monkeypatch, compiled, device
         (lambda h, b, rest: fused.scaled_swiglu(h, b, rest, 1e-3), ("h", "b", "rest")),
         (lambda x, w: fused.rms_norm(x, w, 1e-3), ("x", "w")),
         (lambda *args: fused.line_attention_weights(*args, cap=2.0), ("qk", "qa", "envelope", "angle")),
-        (lambda *args: fused.sink_messages(*args, cap=2.0), ("q", "k", "v", "switch")),
+        (lambda *args: fused.sink_messages(*args, cap=2.0), ("q", "kv", "switch")),
     ]
     # first all three levels at other sizes in float32, as a training step runs them before any check:
     # kernels compiled for one size, then reused at another, once gave wrong double derivatives
     other = {
         "h": (9, 8), "b": (9, 5), "rest": (9,), "x": (3, 6, 8), "w": (8,),
         "qk": (3, 4, 5, 5), "qa": (3, 5, 4, 6), "envelope": (3, 1, 5, 5), "angle": (3, 5, 6, 5),
-        "q": (40, 4, 8), "k": (40, 4, 8), "v": (40, 4, 8), "switch": (40,),
+        "q": (40, 4, 8), "kv": (40, 64), "switch": (40,),
     }
     for op, names in cases:
         inputs = [(torch.rand(other[name], device=device) + 0.5).requires_grad_() for name in names]

@@ -56,6 +56,17 @@ class _Compiled:
                 if self.compiled is None:
                     self.compiled = torch.compile(self.kernel, dynamic=True, fullgraph=True)
                 return self.compiled(*(self._detached(arg) for arg in args))
+            except torch._dynamo.exc.FailOnRecompileLimitHit:
+                # one kernel met with more shapes (rows_only: widths) than dynamo compiles for: only it
+                # runs uncompiled, the others keep their graphs
+                self.compiled = self.kernel
+                warnings.warn(
+                    f"matris.fused: {self.kernel.__name__} has been compiled for as many input shapes as "
+                    "torch._dynamo.config.recompile_limit allows; it runs uncompiled from now on",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+                return self.kernel(*args)
             except Exception as error:
                 _Compiled.enabled = False
                 warnings.warn(

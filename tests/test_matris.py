@@ -389,14 +389,14 @@ def test_failed_compile_warns_once_and_training_goes_on_with_plain_ops(monkeypat
 def test_kernel_past_the_recompile_limit_runs_uncompiled_and_the_others_stay_compiled(monkeypatch):
     """A rows_only kernel compiles once per width; past dynamo's limit only that kernel falls back."""
     monkeypatch.setattr(fused._Compiled, "enabled", True)
-    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 2)
     kernel = fused._Compiled(fused._renamed(fused._rms_norm_forward, "rms_norm_limit_test"), rows_only=True)
     eps = torch.tensor(1e-6)
-    for width in (4, 5):  # two widths, two graphs: the limit
-        kernel(torch.randn(3, width), torch.randn(width), eps)
     x, w = torch.randn(3, 6), torch.randn(6)
-    with pytest.warns(RuntimeWarning, match="rms_norm_limit_test .*recompile_limit"):
-        out = kernel(x, w, eps)
+    with torch._dynamo.config.patch(recompile_limit=2):
+        for width in (4, 5):  # two widths, two graphs: the limit
+            kernel(torch.randn(3, width), torch.randn(width), eps)
+        with pytest.warns(RuntimeWarning, match="rms_norm_limit_test .*recompile_limit"):
+            out = kernel(x, w, eps)
     torch.testing.assert_close(out, fused._rms_norm_forward(x, w, eps))
     assert fused.available()
 

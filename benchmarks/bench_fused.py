@@ -4,7 +4,8 @@
 
 Per kernel, on the shapes of the issue's batch (the first 32 structures of ``crystals_pbe.extxyz.gz``
 with at least 12 Å³ per atom): forward, backward with ``create_graph=True`` and the double backward,
-the best of ``--repeats``, fused and plain, alternating so that machine drift hits both alike. Then the
+the best of ``--repeats``, fused and plain, alternating so that machine drift hits both alike. Kernels
+compiled with ``rows_only`` (widths constant) are also timed compiled with every dimension symbolic. Then the
 first three training steps of ``matris-6l`` on one 32-atom Cu cell in fresh processes: compiling with an
 empty inductor cache, again with that cache warm, and with ``MATRIS_COMPILE=0``. On a GPU (``--device
 cuda``) every timing ends with ``torch.cuda.synchronize``.
@@ -59,17 +60,20 @@ for _ in range(3):
 """
 
 
+Calls = list[list[torch.Tensor]]  # the inputs of each call of an op
+
+
 def three_levels(op: Callable, inputs: list[torch.Tensor]) -> None:
-    """Forward, backward with ``create_graph=True``, and the backward of the gradients' sum."""
+    """Forward, backward with ``create_graph=True``, and the backward of the gradients. Every cotangent
+    is a dense tensor, as in a training step: the backward of a sum would hand the double backward
+    stride-0 cotangents, which it reads far faster than real ones."""
     inputs = [x.detach().requires_grad_() for x in inputs]
     out = op(*inputs)
     grads = torch.autograd.grad(out, inputs, torch.ones_like(out), create_graph=True)
-    sum(g.sum() for g in grads).backward()
+    torch.autograd.backward(grads, [torch.ones_like(g) for g in grads])
 
 
-def best_times(
-    cases: dict[str, tuple[Callable, list[list[torch.Tensor]]]], repeats: int
-) -> dict[str, float]:
+def best_times(cases: dict[str, tuple[Callable, Calls]], repeats: int) -> dict[str, float]:
     """Best time of all its calls per case, a case being an op and the inputs of its calls, the cases
     alternating within each repeat (on a shared machine, so that drift hits every case alike)."""
     _, calls = next(iter(cases.values()))
@@ -95,48 +99,60 @@ def bucket_shapes(batch: Batch, config: ModelConfig) -> list[tuple[int, int]]:
     return triplet_slots(batch.edge_index, length, config.three_body_cutoff, config.line_buckets)[2]
 
 
-def kernel_cases(
-    path: Path, device: torch.device
-) -> dict[str, tuple[Callable, Callable, list[list[torch.Tensor]]]]:
-    """Fused op, plain op and inputs of every kernel, shaped as in ``matris-6l`` on the issue's batch."""
+def kernel_cases(path: Path, device: torch.device) -> dict[str, tuple[dict[str, Callable], Calls]]:
+    """Per kernel, shaped as in ``matris-6l`` on the issue's batch: its forms (fused; for the kernels
+    compiled with ``rows_only``, also compiled with every dimension symbolic; plain ops) and the inputs
+    of their calls."""
     config = MODELS["matris-6l"]
     batch = labelled_batch(select(path, 32), config.cutoff)
     shapes = bucket_shapes(batch, config)
     edges, d, h = batch.num_edges, config.dim, config.num_heads
-    width, cap, randn = config.num_angular + 1, config.score_cap, torch.randn
+    width, cap, randn, eps = config.num_angular + 1, config.score_cap, torch.randn, torch.tensor(1e-6)
     line = [
         [randn(g, h, m, m), randn(g, m, h, width), torch.rand(g, 1, m, m), randn(g, m, width, m)]
         for g, m in shapes
     ]
     slots = sum(g * m for g, m in shapes)
+    symbolic_swiglu = fused.twice_differentiable(fused._swiglu_forward)
+    symbolic_messages = fused.twice_differentiable(fused._sink_messages(cap)[0])
     cases = {
         f"bond MLP activation ({edges:,} × {2 * d})": (
-            lambda h, x, rest: fused.scaled_swiglu(h, x, rest, 1e-6),
-            lambda h, x, rest: fused.scaled_swiglu(h, x, rest, 1e-6, fused=False),
+            {
+                "fused": lambda h, x, rest: fused.scaled_swiglu(h, x, rest, 1e-6),
+                "symbolic": lambda h, x, rest: symbolic_swiglu(h, x, rest, eps),
+                "plain": lambda h, x, rest: fused.scaled_swiglu(h, x, rest, 1e-6, fused=False),
+            },
             [[torch.randn(edges, 2 * d), torch.randn(edges, d), torch.rand(edges) * 2 * d]],
         ),
         **{
             f"RMSNorm ({rows:,} × {d})": (
-                lambda x, w: fused.rms_norm(x, w, 1e-6),
-                lambda x, w: fused.rms_norm(x, w, 1e-6, fused=False),
+                {
+                    "fused": lambda x, w: fused.rms_norm(x, w, 1e-6),
+                    "plain": lambda x, w: fused.rms_norm(x, w, 1e-6, fused=False),
+                },
                 [[torch.randn(rows, d), torch.randn(d)]],
             )
             for rows in (edges, slots)
         },
         f"line attention weights ({len(shapes)} buckets, {slots:,} slots)": (
-            lambda *a: fused.line_attention_weights(*a, cap=cap),
-            lambda *a: fused.line_attention_weights(*a, cap=cap, fused=False),
+            {
+                "fused": lambda *a: fused.line_attention_weights(*a, cap=cap),
+                "plain": lambda *a: fused.line_attention_weights(*a, cap=cap, fused=False),
+            },
             line,
         ),
         f"attention messages ({edges:,} edges × {h} heads)": (
-            lambda *a: fused.sink_messages(*a, cap=cap),
-            lambda *a: fused.sink_messages(*a, cap=cap, fused=False),
+            {
+                "fused": lambda *a: fused.sink_messages(*a, cap=cap),
+                "symbolic": symbolic_messages,
+                "plain": lambda *a: fused.sink_messages(*a, cap=cap, fused=False),
+            },
             [[randn(edges, h, d // h), randn(edges, 2 * d), torch.rand(edges)]],
         ),
     }
     return {
-        name: (fused_op, plain_op, [[x.to(device) for x in inputs] for inputs in calls])
-        for name, (fused_op, plain_op, calls) in cases.items()
+        name: (forms, [[x.to(device) for x in inputs] for inputs in calls])
+        for name, (forms, calls) in cases.items()
     }
 
 
@@ -162,19 +178,27 @@ def main() -> None:
     device = torch.device(args.device)
     if not fused.available():
         raise SystemExit("MATRIS_COMPILE=0: nothing to compare")
-    console = Console()
+    console = Console(width=140)
 
     kernels = {}
-    for name, (fused_op, plain_op, calls) in kernel_cases(args.input, device).items():
-        kernels[name] = best_times({"fused": (fused_op, calls), "plain": (plain_op, calls)}, args.repeats)
+    for name, (forms, calls) in kernel_cases(args.input, device).items():
+        kernels[name] = best_times({form: (op, calls) for form, op in forms.items()}, args.repeats)
     threads = f"{torch.get_num_threads()} threads"
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else threads
     table = Table(title=f"fwd + bwd + double bwd, best of {args.repeats}, {where}")
-    for column in ("kernel", "fused ms", "plain ms", "plain ÷ fused"):
+    columns = ("kernel", "fused ms", "all dims symbolic ms", "plain ms", "symbolic ÷ fused", "plain ÷ fused")
+    for column in columns:
         table.add_column(column, justify="left" if column == "kernel" else "right")
     for name, t in kernels.items():
-        ratio = t["plain"] / t["fused"]
-        table.add_row(name, f"{t['fused'] * 1e3:.1f}", f"{t['plain'] * 1e3:.1f}", f"{ratio:.2f}")
+        symbolic = t.get("symbolic")
+        table.add_row(
+            name,
+            f"{t['fused'] * 1e3:.1f}",
+            "-" if symbolic is None else f"{symbolic * 1e3:.1f}",
+            f"{t['plain'] * 1e3:.1f}",
+            "-" if symbolic is None else f"{symbolic / t['fused']:.2f}",
+            f"{t['plain'] / t['fused']:.2f}",
+        )
     console.print(table)
 
     with tempfile.TemporaryDirectory() as cache:

@@ -166,7 +166,7 @@ def _rms_norm_forward(x: torch.Tensor, w: torch.Tensor, eps: torch.Tensor) -> to
     return x * (x.square().mean(-1, keepdim=True) + eps).rsqrt() * w
 
 
-_rms_norm = twice_differentiable(_rms_norm_forward, rows_only=True)
+_rms_norm = twice_differentiable(_rms_norm_forward)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, fused: bool = True) -> torch.Tensor:

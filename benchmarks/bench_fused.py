@@ -43,6 +43,7 @@ from ase.build import bulk
 from matris import LossConfig, MatRIS, ModelConfig, multitask_loss, predict
 from matris.batch import collate
 from matris.graph import graph_from_atoms
+from matris.properties import parameter_backward
 config = ModelConfig.from_preset("matris-6l")
 atoms = bulk("Cu", "fcc", a=3.6, cubic=True).repeat(2)
 atoms.rattle(0.05, seed=0)
@@ -53,7 +54,7 @@ batch, model = collate([graph]).to(device), MatRIS(config).to(device)
 for _ in range(3):
     start = time.perf_counter()
     loss, _ = multitask_loss(predict(model, batch, training=True), batch, config.tasks, LossConfig())
-    loss.backward()
+    parameter_backward(loss, model)
     if device.type == "cuda":
         torch.cuda.synchronize()
     print(time.perf_counter() - start)

@@ -30,6 +30,7 @@ from rich.table import Table
 import matris
 from data_prep import BatchPlan, DataConfig, GraphDataset, prepare
 from matris.batch import Batch, collate
+from matris.properties import parameter_backward
 
 SAMPLE = Path(__file__).resolve().parents[1] / "sample_data"
 
@@ -77,7 +78,7 @@ def train_steps(preset: str, manifest: dict, batches: list[Batch]) -> dict:
         model.zero_grad(set_to_none=True)
         pred = matris.predict(model, batch, training=True)
         loss, _ = matris.multitask_loss(pred, batch, model.config.tasks)
-        loss.backward()
+        parameter_backward(loss, model)
 
     step(batches[0])
     result = timed(_after(step, batches[1:]))

@@ -72,6 +72,7 @@ from matris.batch import Batch, collate
 from matris.flops import model_flops
 from matris.graph import graph_from_atoms
 from matris.moe import Experts
+from matris.properties import parameter_backward
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 PEERS_HELPER = Path(__file__).with_name("_peers_model.py")
@@ -155,7 +156,7 @@ def measure(name: str, frames_path: Path, steps: int, device: torch.device, vari
     def step() -> None:
         optimizer.zero_grad(set_to_none=True)
         loss, _ = multitask_loss(predict(model, batch, training=True), batch, config.tasks, loss_config)
-        loss.backward()
+        parameter_backward(loss, model)
         optimizer.step()
 
     # the reference matmul right after every timed step, so that each step is divided by the machine's

@@ -168,6 +168,12 @@ class ShardedMoE(MoE):
         return y, torch.as_tensor(counts_np, device=x.device).to(x.dtype), probs
 
 
+def gathered_weights(ctx: StepContext) -> list[torch.Tensor]:
+    """The expert weights gathered for this step: leaves of the loss's graph whose gradients
+    `return_gradients` sends back, so the loss backward must reach them."""
+    return [item.received for item in ctx.pending]
+
+
 @torch.no_grad()
 def return_gradients(ctx: StepContext) -> None:
     """After the loss backward: each received expert weight's gradient goes back to the rank storing it

@@ -33,7 +33,7 @@ from janus import checkpoint, launch
 from janus.batching import Coordinates, RankWork, assign, loss_batch, partition
 from janus.config import JanusConfig
 from janus.ema import EMA
-from janus.expert_parallel import parallelize_moe, return_gradients
+from janus.expert_parallel import gathered_weights, parallelize_moe, return_gradients
 from janus.flops import FlopMeter, count_triplets, peak_flops
 from janus.graph_parallel import build_step, install_hooks, predict_sharded
 from janus.metrics import MetricsLog, peak_memory_bytes
@@ -51,6 +51,7 @@ from matris import MatRIS, ModelConfig, predict
 from matris.batch import collate
 from matris.graph import StructureGraph
 from matris.loss import multitask_loss
+from matris.properties import parameter_backward
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
@@ -224,7 +225,7 @@ class Trainer:
             loss, parts_metrics = multitask_loss(
                 pred, labels, self.model_cfg.tasks, cfg.loss, self._sum_over_ranks, active=work.active
             )
-            loss.backward()
+            parameter_backward(loss, self.model, gathered_weights(self.ctx))
         return_gradients(self.ctx)
         reduce_gradients(self.model)
         grad_norm = clip_grad_norm_(self.model.parameters(), cfg.train.grad_clip)

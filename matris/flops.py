@@ -2,7 +2,8 @@
 
 Matmuls (including the experts' ``bmm``) are counted; scatters and elementwise ops count zero, so this is
 the matmul work that sets peak-relative efficiency. The step is forward, force backward with
-``create_graph=True``, then the parameter backward of a loss on energies and forces.
+``create_graph=True``, then the parameter backward of a loss on energies and forces
+(`matris.properties.parameter_backward`, as in training).
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from matris.batch import Batch
 from matris.model import MatRIS
-from matris.properties import derivatives, inputs
+from matris.properties import derivatives, inputs, parameter_backward
 
 
 def model_flops(model: MatRIS, batch: Batch) -> dict[str, int]:
@@ -26,7 +27,7 @@ def model_flops(model: MatRIS, batch: Batch) -> dict[str, int]:
     phases["force_backward"] = counter.get_total_flops()
     loss = out["energy"].square().sum() + sum(g.square().sum() for g in grads.values())
     with FlopCounterMode(display=False) as counter:
-        loss.backward()
+        parameter_backward(loss, model)
     phases["param_backward"] = counter.get_total_flops()
     model.zero_grad(set_to_none=True)
     phases["total"] = sum(phases.values())

@@ -296,6 +296,39 @@ def test_flop_meter_counts_and_calibrates(small_data):
 # -- layouts against one process -------------------------------------------------------------------------
 
 
+def test_reference_gradients_are_a_plain_full_backward(small_data, tmp_path):
+    """The one-process trainer (FSDP on one rank, the backward stopped at the parameters) computes the
+    gradient norm of a plain model's ``loss.backward()``: what every layout below is compared against."""
+    import torch.distributed as dist
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    from janus.train import Trainer
+    from matris import MatRIS, multitask_loss, predict
+    from matris.batch import collate
+
+    cfg = JanusConfig.model_validate(config(small_data, tmp_path / "run", (1, 1, 1)))
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        with mock.patch.dict(os.environ, {"MATRIS_COMPILE": "0"}):
+            trainer = Trainer(cfg, launch.DistEnv(0, 1, 0, "127.0.0.1", 0, "test"))
+            plain = MatRIS(trainer.model_cfg).to(torch.float64)
+            options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+            plain.load_state_dict(get_model_state_dict(trainer.model, options=options))
+            _, indices = trainer.global_batch(0)
+            batch = collate([trainer.dataset[i] for i in indices], dtype=torch.float64)
+            pred = predict(plain, batch, training=True)
+            loss, _ = multitask_loss(pred, batch, trainer.model_cfg.tasks, cfg.loss)
+            loss.backward()
+            grads = [p.grad for p in plain.parameters() if p.grad is not None]
+            record = trainer.step(0).record
+    finally:
+        dist.destroy_process_group()
+    assert len(grads) == sum(1 for p in plain.parameters() if p.requires_grad)
+    assert record["loss"] == pytest.approx(loss.item(), rel=1e-12)
+    norm = torch.cat([g.flatten() for g in grads]).norm().item()
+    assert record["grad_norm"] == pytest.approx(norm, rel=1e-10)
+
+
 @pytest.mark.parametrize("dp", [pytest.param(2, marks=pytest.mark.compiled), 4])
 def test_fsdp_matches_single_process(small_data, tmp_path, dp):
     """FSDP on 2 and 4 ranks; on 2 with `matris.fused`'s compiled kernels, against plain ops on one."""

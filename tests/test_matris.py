@@ -26,7 +26,7 @@ from matris.layers import GatedMLP, line_attention_bucket
 from matris.loss import multitask_loss
 from matris.model import MatRIS, line_graph
 from matris.moe import Experts, MoE
-from matris.properties import predict
+from matris.properties import derivatives, inputs, parameter_backward, predict
 
 TASKS = ["pbe", "wb97"]
 
@@ -533,6 +533,27 @@ def test_magmom_head_is_trained_where_labelled():
     assert {"pbe/magmom", "wb97/magmom"} <= metrics.keys()
     loss.backward()
     assert model.magmom_head[0].weight.grad.abs().sum() > 0
+
+
+def test_parameter_backward_gives_the_full_backward_gradients_and_skips_positions_and_strain():
+    """The training backward stops at the parameters: identical gradients, none for the geometry leaves."""
+    model = make_model(seed=3)
+    batch = collate(labelled_structures(4), dtype=torch.float64)
+    positions, strain = inputs(batch)
+    out = model(batch, positions, strain)
+    pred = {**out, **derivatives(out["energy"], positions, strain, batch, create_graph=True)}
+    loss, _ = multitask_loss(pred, batch, TASKS)
+    loss.backward(retain_graph=True)
+    full = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+    assert positions.grad is not None and strain.grad is not None
+    model.zero_grad(set_to_none=True)
+    positions.grad = strain.grad = None
+    parameter_backward(loss, model)
+    pruned = {name: p.grad for name, p in model.named_parameters() if p.grad is not None}
+    assert pruned.keys() == full.keys() and len(full) > 10
+    for name, grad in full.items():
+        torch.testing.assert_close(pruned[name], grad, rtol=1e-12, atol=1e-14, msg=name)
+    assert positions.grad is None and strain.grad is None
 
 
 def two_rank_step(model: MatRIS, ranks: list[tuple[list, bool]]) -> list[tuple]:

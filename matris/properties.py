@@ -65,8 +65,8 @@ def parameter_backward(loss: torch.Tensor, model: nn.Module, leaves: Iterable[to
 
     A loss on forces or stress has positions and strain as leaves of its graph; a plain backward also runs
     the geometry's double backward (angle basis, envelopes, radial basis) for their gradients, which no one
-    reads: 3-4 % of a training step. The parameters are read here, after the forward, because FSDP2 swaps
-    the unsharded ones that the graph holds into the modules for the step.
+    reads (a small share of the step: ``benchmarks/bench_step.py``). The parameters are read here, after
+    the forward, because FSDP2 swaps the unsharded ones that the graph holds into the modules for the step.
     """
     wanted = [p for p in model.parameters() if p.requires_grad]
     torch.autograd.backward(loss, inputs=[*wanted, *leaves])

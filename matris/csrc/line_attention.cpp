@@ -17,6 +17,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <cstdint>
 #include <initializer_list>
 #include <type_traits>
 #include <vector>
@@ -88,8 +89,17 @@ inline F bcast(FP p) { return {_mm256_set1_ps(*p.x)}; }
 inline D bcast(DP p) { return {_mm256_set1_ps(*p.x), _mm256_set1_ps(*p.d)}; }
 inline F bcast(float s) { return {_mm256_set1_ps(s)}; }
 inline D bcast(Ds s) { return {_mm256_set1_ps(s.x), _mm256_set1_ps(s.d)}; }
-inline void store_scalar(FP p, float s) { *p.x = s; }
-inline void store_scalar(TP p, Ds s) { *p.d = s.d; }
+// the sums of kPass accumulators, stored side by side: eight for F numbers, the tangents of four for D
+inline void store_sums(FP p, const F* acc) {
+  const __m256 a = _mm256_hadd_ps(acc[0].x, acc[1].x), b = _mm256_hadd_ps(acc[2].x, acc[3].x),
+               c = _mm256_hadd_ps(acc[4].x, acc[5].x), d = _mm256_hadd_ps(acc[6].x, acc[7].x);
+  const __m256 ab = _mm256_hadd_ps(a, b), cd = _mm256_hadd_ps(c, d);  // lanes: low halves, then high halves
+  _mm256_storeu_ps(p.x, _mm256_add_ps(_mm256_permute2f128_ps(ab, cd, 0x20), _mm256_permute2f128_ps(ab, cd, 0x31)));
+}
+inline void store_sums(TP p, const D* acc) {
+  const __m256 ab = _mm256_hadd_ps(_mm256_hadd_ps(acc[0].d, acc[1].d), _mm256_hadd_ps(acc[2].d, acc[3].d));
+  _mm_storeu_ps(p.d, _mm_add_ps(_mm256_castps256_ps128(ab), _mm256_extractf128_ps(ab, 1)));
+}
 template <class N> N zero();
 template <> inline F zero<F>() { return {_mm256_setzero_ps()}; }
 template <> inline D zero<D>() { return {_mm256_setzero_ps(), _mm256_setzero_ps()}; }
@@ -150,14 +160,23 @@ inline D one_minus_square(D t) {
           _mm256_mul_ps(_mm256_set1_ps(-2.0f), _mm256_mul_ps(t.x, t.d))};
 }
 
-// count numbers, zero-initialised, behind a pointer of kind P (FP, DP or TP)
+// count numbers, zero-initialised, behind a pointer of kind P (FP, DP or TP), on 64-byte cache lines: a
+// vector stored across two lines cannot be forwarded to the broadcasts that read it back
 template <class P> struct Buffer {
+  static constexpr int64_t kLine = 16;  // floats per cache line
   std::vector<float> data;
-  int64_t count;
-  explicit Buffer(int64_t count) : data((std::is_same_v<P, DP> ? 2 : 1) * count), count(count) {}
+  int64_t count, padded;
+  float* base;
+  explicit Buffer(int64_t count)
+      : data((std::is_same_v<P, DP> ? 2 : 1) * ((count + kLine - 1) / kLine * kLine) + kLine),
+        count(count),
+        padded((count + kLine - 1) / kLine * kLine) {
+    const auto address = reinterpret_cast<std::uintptr_t>(data.data());
+    base = data.data() + ((-address) % 64) / sizeof(float);
+  }
   P ptr() {
-    if constexpr (std::is_same_v<P, DP>) return {data.data(), data.data() + count};
-    else return {data.data()};
+    if constexpr (std::is_same_v<P, DP>) return {base, base + padded};
+    else return {base};
   }
   void clear() { std::fill(data.begin(), data.end(), 0.0f); }
 };
@@ -166,8 +185,33 @@ inline void copy(DP from, int64_t count, DP to) {
   std::copy_n(from.x, count, to.x), std::copy_n(from.d, count, to.d);
 }
 inline void copy(TP from, int64_t count, TP to) { std::copy_n(from.d, count, to.d); }
-inline void put(FP from, FP to) { *to.x = *from.x; }
-inline void put(DP from, DP to) { *to.x = *from.x, *to.d = *from.d; }
+// The (rows, 8) block at x (rows stride apart) as its (8, mp) transpose at xt, columns past rows zero: eight
+// rows at a time through an 8 × 8 register transpose.
+inline void transpose8(const float* x, int64_t stride, int64_t rows, float* xt, int64_t mp) {
+  for (int64_t b0 = 0; b0 < mp; b0 += 8) {
+    __m256 r[8];
+    for (int64_t i = 0; i < 8; ++i)
+      r[i] = b0 + i < rows ? _mm256_loadu_ps(x + (b0 + i) * stride) : _mm256_setzero_ps();
+    const __m256 t0 = _mm256_unpacklo_ps(r[0], r[1]), t1 = _mm256_unpackhi_ps(r[0], r[1]),
+                 t2 = _mm256_unpacklo_ps(r[2], r[3]), t3 = _mm256_unpackhi_ps(r[2], r[3]),
+                 t4 = _mm256_unpacklo_ps(r[4], r[5]), t5 = _mm256_unpackhi_ps(r[4], r[5]),
+                 t6 = _mm256_unpacklo_ps(r[6], r[7]), t7 = _mm256_unpackhi_ps(r[6], r[7]);
+    const __m256 s[8] = {_mm256_shuffle_ps(t0, t2, 0x44), _mm256_shuffle_ps(t0, t2, 0xEE),
+                         _mm256_shuffle_ps(t1, t3, 0x44), _mm256_shuffle_ps(t1, t3, 0xEE),
+                         _mm256_shuffle_ps(t4, t6, 0x44), _mm256_shuffle_ps(t4, t6, 0xEE),
+                         _mm256_shuffle_ps(t5, t7, 0x44), _mm256_shuffle_ps(t5, t7, 0xEE)};
+    for (int64_t i = 0; i < 4; ++i) {
+      _mm256_storeu_ps(xt + i * mp + b0, _mm256_permute2f128_ps(s[i], s[i + 4], 0x20));
+      _mm256_storeu_ps(xt + (i + 4) * mp + b0, _mm256_permute2f128_ps(s[i], s[i + 4], 0x31));
+    }
+  }
+}
+inline void transpose8(FP x, int64_t stride, int64_t rows, FP xt, int64_t mp) {
+  transpose8(x.x, stride, rows, xt.x, mp);
+}
+inline void transpose8(DP x, int64_t stride, int64_t rows, DP xt, int64_t mp) {
+  transpose8(x.x, stride, rows, xt.x, mp), transpose8(x.d, stride, rows, xt.d, mp);
+}
 
 // One row and head: scores against the head's kᵀ (kt_h, (c, mp)) and the row's padded angle basis, then
 // t = tanh(s / cap), e = exp(cap t), α, and P_lb = α_b θ_alb; returns 1 / (1 + Σ_b w_ab). Padding slots
@@ -177,9 +221,13 @@ Scalar<N> blocked_weights(int64_t c, int64_t mp, float cap, Ptr<N> q_a, Ptr<N> q
                           Ptr<N> env_p, Ptr<N> t, Ptr<N> e, Ptr<N> alpha, Ptr<N> P) {
   N z = zero<N>();
   for (int64_t j = 0; j < mp; j += 8) {
-    N s = zero<N>();
-    for (int64_t ci = 0; ci < c; ++ci) s = fma(bcast(q_a + ci), load(kt_h + (ci * mp + j)), s);
-    for (int64_t l = 0; l < kW; ++l) s = fma(bcast(qa_a + l), load(theta_p + (l * mp + j)), s);
+    // four partial sums: one chain of c + 8 dependent FMAs would wait on their latency
+    N p[4] = {zero<N>(), zero<N>(), zero<N>(), zero<N>()};
+    for (int64_t ci = 0; ci < c; ci += 4)
+      for (int64_t u = 0; u < 4; ++u) p[u] = fma(bcast(q_a + (ci + u)), load(kt_h + ((ci + u) * mp + j)), p[u]);
+    for (int64_t l = 0; l < kW; l += 4)
+      for (int64_t u = 0; u < 4; ++u) p[u] = fma(bcast(qa_a + (l + u)), load(theta_p + ((l + u) * mp + j)), p[u]);
+    const N s = add(add(p[0], p[1]), add(p[2], p[3]));
     const N tj = tanh_over(s, cap);
     const N ej = exp(scale(tj, cap));
     const N w = mul(load(env_p + j), ej);
@@ -202,18 +250,43 @@ Scalar<N> blocked_weights(int64_t c, int64_t mp, float cap, Ptr<N> q_a, Ptr<N> q
 // 8 would take all 16 vector registers and spill.
 template <class N> constexpr int64_t kPass = std::is_same_v<N, D> ? kW / 2 : kW;
 
+// A running sum of products. A D number's tangent gathers two products per term, which as one chain
+// would wait on two FMA latencies per term: it keeps them in two registers, summed at the end.
+template <class N> struct Sum;
+template <> struct Sum<F> {
+  F s = zero<F>();
+  void add(F a, F b) { s = fma(a, b, s); }
+  F value() const { return s; }
+};
+template <> struct Sum<D> {
+  __m256 x = _mm256_setzero_ps(), d1 = _mm256_setzero_ps(), d2 = _mm256_setzero_ps();
+  void add(D a, D b) {
+    x = _mm256_fmadd_ps(a.x, b.x, x), d1 = _mm256_fmadd_ps(a.d, b.x, d1), d2 = _mm256_fmadd_ps(a.x, b.d, d2);
+  }
+  D value() const { return {x, _mm256_add_ps(d1, d2)}; }
+};
+
 // S_l,chunk = Σ_b P_lb v_b,chunk for one chunk of 8 channels of the head, the sums held in registers.
 template <class N>
 void blocked_value_sums(int64_t m, int64_t mp, Ptr<N> P, Ptr<N> v_head, int64_t stride, N* S) {
   for (int64_t l0 = 0; l0 < kW; l0 += kPass<N>) {
-    N acc[kPass<N>];
-    for (int64_t l = 0; l < kPass<N>; ++l) acc[l] = zero<N>();
+    Sum<N> acc[kPass<N>];
     for (int64_t b = 0; b < m; ++b) {
       const N vb = load(v_head + b * stride);
-      for (int64_t l = 0; l < kPass<N>; ++l) acc[l] = fma(bcast(P + ((l0 + l) * mp + b)), vb, acc[l]);
+      for (int64_t l = 0; l < kPass<N>; ++l) acc[l].add(bcast(P + ((l0 + l) * mp + b)), vb);
     }
-    for (int64_t l = 0; l < kPass<N>; ++l) S[l0 + l] = acc[l];
+    for (int64_t l = 0; l < kPass<N>; ++l) S[l0 + l] = acc[l].value();
   }
+}
+
+// out_c = Σ_l A_lc S_lc for one chunk of channels, A's rows c apart: two chains of four
+template <class N> N angle_mix(Ptr<N> A, int64_t c, const N* S) {
+  N even = zero<N>(), odd = zero<N>();
+  for (int64_t l = 0; l < kW; l += 2) {
+    even = fma(load(A + l * c), S[l], even);
+    odd = fma(load(A + (l + 1) * c), S[l + 1], odd);
+  }
+  return add(even, odd);
 }
 
 // Per block: kᵀ (and vᵀ) of every head, padded to mp columns; per row: the angle basis and envelope padded.
@@ -224,10 +297,9 @@ template <class N> struct BlockedBuffers {
       : m(n.m), mp((n.m + 7) / 8 * 8), kt(n.h * n.c * mp), vt(n.h * n.c * mp), theta_p(kW * mp), env_p(mp),
         t(mp), e(mp), alpha(mp), P(kW * mp) {}  // padding columns are zero and stay zero
   void transpose(const Sizes& n, Ptr<N> x, int64_t gi, Buffer<Ptr<N>>& xt) {
-    for (int64_t b = 0; b < m; ++b)
-      for (int64_t hi = 0; hi < n.h; ++hi)
-        for (int64_t ci = 0; ci < n.c; ++ci)
-          put(x + (((gi * m + b) * n.h + hi) * n.c + ci), xt.ptr() + ((hi * n.c + ci) * mp + b));
+    for (int64_t hi = 0; hi < n.h; ++hi)
+      for (int64_t ci = 0; ci < n.c; ci += 8)
+        transpose8(x + ((gi * m * n.h + hi) * n.c + ci), n.h * n.c, m, xt.ptr() + (hi * n.c + ci) * mp, mp);
   }
   void load_row(Ptr<N> theta, Ptr<N> env, int64_t gi, int64_t a) {
     for (int64_t l = 0; l < kW; ++l) copy(theta + ((gi * m + a) * kW + l) * m, m, theta_p.ptr() + l * mp);
@@ -252,9 +324,7 @@ void forward_kernel(const Sizes& n, FP q, FP k, FP v, FP qa, FP env, FP theta, F
           for (int64_t chunk = 0; chunk < c; chunk += 8) {
             F S[kW];
             blocked_value_sums<F>(m, buf.mp, buf.P.ptr(), v + ((gi * m * h + hi) * c + chunk), stride, S);
-            F o = zero<F>();
-            for (int64_t l = 0; l < kW; ++l) o = fma(load(A + ((hi * kW + l) * c + chunk)), S[l], o);
-            store(out + (row + chunk), o);
+            store(out + (row + chunk), angle_mix<F>(A + (hi * kW * c + chunk), c, S));
           }
         }
       }
@@ -296,9 +366,7 @@ void backward_kernel(const Sizes& n, const float* grad, Ptr<N> q, Ptr<N> k, Ptr<
             blocked_value_sums<N>(m, mp, P, v + (head + chunk), stride, S);
             const N G = constant<N>(_mm256_loadu_ps(grad + row + chunk));
             if constexpr (std::is_same_v<N, D>) {
-              N o = zero<N>();
-              for (int64_t l = 0; l < kW; ++l) o = fma(load(A + ((hi * kW + l) * c + chunk)), S[l], o);
-              _mm256_storeu_ps(out_tangent + row + chunk, o.d);
+              _mm256_storeu_ps(out_tangent + row + chunk, angle_mix<N>(A + (hi * kW * c + chunk), c, S).d);
             }
             for (int64_t l = 0; l < kW; ++l) {
               const Out<N> gAl = gA + ((hi * kW + l) * c + chunk);
@@ -312,28 +380,36 @@ void backward_kernel(const Sizes& n, const float* grad, Ptr<N> q, Ptr<N> k, Ptr<
             const N alpha = load(buf.alpha.ptr() + j);
             N ga = zero<N>();
             for (int64_t l0 = 0; l0 < kW; l0 += kPass<N>) {
-              N Dl[kPass<N>];
-              for (int64_t l = 0; l < kPass<N>; ++l) Dl[l] = zero<N>();
+              Sum<N> sums[kPass<N>];
               for (int64_t ci = 0; ci < c; ++ci) {
                 const N vc = load(buf.vt.ptr() + ((hi * c + ci) * mp + j));
-                for (int64_t l = 0; l < kPass<N>; ++l) Dl[l] = fma(bcast(GA + ((l0 + l) * c + ci)), vc, Dl[l]);
+                for (int64_t l = 0; l < kPass<N>; ++l) sums[l].add(bcast(GA + ((l0 + l) * c + ci)), vc);
               }
               for (int64_t l = 0; l < kPass<N>; ++l) {
-                ga = fma(load(theta_p + ((l0 + l) * mp + j)), Dl[l], ga);
+                const N Dl = sums[l].value();
+                ga = fma(load(theta_p + ((l0 + l) * mp + j)), Dl, ga);
                 const Out<N> gt = gtheta_p + ((l0 + l) * mp + j);
-                store(gt, fma(alpha, Dl[l], load(gt)));
+                store(gt, fma(alpha, Dl, load(gt)));
               }
             }
             store(galpha + j, ga);
             dot = fma(ga, alpha, dot);
           }
-          // ∂/∂v_bc += Σ_l P_lb GA_lc
-          for (int64_t b = 0; b < m; ++b)
-            for (int64_t chunk = 0; chunk < c; chunk += 8) {
-              const Out<N> gvb = gv + (head + b * stride + chunk);
-              N acc = load(gvb);
-              for (int64_t l = 0; l < kW; ++l) acc = fma(bcast(P + (l * mp + b)), load(GA + (l * c + chunk)), acc);
-              store(gvb, acc);
+          // ∂/∂v_bc += Σ_l P_lb GA_lc: per chunk, GA's rows wait in registers (kPass of them per pass) while
+          // the slots stream past, each slot's sum split in two chains
+          for (int64_t chunk = 0; chunk < c; chunk += 8)
+            for (int64_t l0 = 0; l0 < kW; l0 += kPass<N>) {
+              N ga[kPass<N>];
+              for (int64_t l = 0; l < kPass<N>; ++l) ga[l] = load(GA + ((l0 + l) * c + chunk));
+              for (int64_t b = 0; b < m; ++b) {
+                const Out<N> gvb = gv + (head + b * stride + chunk);
+                N even = load(gvb), odd = zero<N>();
+                for (int64_t l = 0; l < kPass<N>; l += 2) {
+                  even = fma(bcast(P + ((l0 + l) * mp + b)), ga[l], even);
+                  odd = fma(bcast(P + ((l0 + l + 1) * mp + b)), ga[l + 1], odd);
+                }
+                store(gvb, add(even, odd));
+              }
             }
           // through the sink softmax and the capped exponential
           const N vdot = bcast(hsum(dot)), vinv = bcast(inv);
@@ -355,19 +431,22 @@ void backward_kernel(const Sizes& n, const float* grad, Ptr<N> q, Ptr<N> k, Ptr<
                 store(gt, fma(g, bcast(qa + (qa_row + l0 + l)), load(gt)));
               }
             }
-            for (int64_t l = 0; l < kPass<N>; ++l) store_scalar(gqa + (qa_row + l0 + l), hsum(gqa_acc[l]));
+            store_sums(gqa + (qa_row + l0), gqa_acc);
           }
           // ∂/∂q_a = Σ_b gs_b k_b; ∂/∂k_b += gs_b q_a
           for (int64_t chunk = 0; chunk < c; chunk += 8) {
             const N qh = load(q + (row + chunk));
-            N acc = zero<N>();
-            for (int64_t b = 0; b < m; ++b) {
+            auto slot = [&](int64_t b, N& acc) {
               const N g = bcast(gs + b);
               acc = fma(g, load(k + (head + b * stride + chunk)), acc);
               const Out<N> gkb = gk + (head + b * stride + chunk);
               store(gkb, fma(g, qh, load(gkb)));
-            }
-            store(gq + (row + chunk), acc);
+            };
+            N even = zero<N>(), odd = zero<N>();  // two chains: even and odd slots
+            int64_t b = 0;
+            for (; b + 1 < m; b += 2) slot(b, even), slot(b + 1, odd);
+            if (b < m) slot(b, even);
+            store(gq + (row + chunk), add(even, odd));
           }
         }
         for (int64_t l = 0; l < kW; ++l) copy(gtheta_p + l * mp, m, gtheta + ((gi * m + a) * kW + l) * m);

@@ -5,7 +5,8 @@
 Per kernel, on the shapes of the issue's batch (the first 32 structures of ``crystals_pbe.extxyz.gz``
 with at least 12 Å³ per atom): forward, backward with ``create_graph=True`` and the double backward,
 the best of ``--repeats``, fused and plain, alternating so that machine drift hits both alike. Kernels
-compiled with ``rows_only`` (widths constant) are also timed compiled with every dimension symbolic. Then the
+compiled with ``rows_only`` (widths constant) are also timed compiled with every dimension symbolic, and
+the attention messages, on a CPU, as the C++ op of `matris.cpu_kernels` that training takes there. Then the
 first three training steps of ``matris-6l`` on one 32-atom Cu cell in fresh processes: compiling with an
 empty inductor cache, again with that cache warm, and with ``MATRIS_COMPILE=0``. On a GPU (``--device
 cuda``) every timing ends with ``torch.cuda.synchronize``.
@@ -28,7 +29,7 @@ from bench_model import DATA, MODELS, labelled_batch, select
 from rich.console import Console
 from rich.table import Table
 
-from matris import fused
+from matris import cpu_kernels, fused
 from matris.batch import Batch
 from matris.config import ModelConfig
 from matris.model import triplet_slots
@@ -144,9 +145,14 @@ def kernel_cases(path: Path, device: torch.device) -> dict[str, tuple[dict[str, 
         ),
         f"attention messages ({edges:,} edges × {h} heads)": (
             {
-                "fused": lambda *a: fused.sink_messages(*a, cap=cap),
+                "fused": fused._sink_messages(cap)[1],  # compiled; training on a CPU takes the C++ op
                 "symbolic": symbolic_messages,
                 "plain": lambda *a: fused.sink_messages(*a, cap=cap, fused=False),
+                **(
+                    {"C++ op": lambda *a: cpu_kernels.sink_messages(*a, cap=cap)}
+                    if device.type == "cpu" and cpu_kernels.sink_applies(torch.zeros(1, h, d // h))
+                    else {}
+                ),
             },
             [[randn(edges, h, d // h), randn(edges, 2 * d), torch.rand(edges)]],
         ),
@@ -187,18 +193,23 @@ def main() -> None:
     threads = f"{torch.get_num_threads()} threads"
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else threads
     table = Table(title=f"fwd + bwd + double bwd, best of {args.repeats}, {where}")
-    columns = ("kernel", "fused ms", "all dims symbolic ms", "plain ms", "symbolic ÷ fused", "plain ÷ fused")
+    columns = (
+        "kernel", "fused ms", "all dims symbolic ms", "plain ms", "C++ op ms", "symbolic ÷ fused",
+        "plain ÷ fused", "fused ÷ C++ op",
+    )
     for column in columns:
         table.add_column(column, justify="left" if column == "kernel" else "right")
     for name, t in kernels.items():
-        symbolic = t.get("symbolic")
+        symbolic, op = t.get("symbolic"), t.get("C++ op")
         table.add_row(
             name,
             f"{t['fused'] * 1e3:.1f}",
             "-" if symbolic is None else f"{symbolic * 1e3:.1f}",
             f"{t['plain'] * 1e3:.1f}",
+            "-" if op is None else f"{op * 1e3:.1f}",
             "-" if symbolic is None else f"{symbolic / t['fused']:.2f}",
             f"{t['plain'] / t['fused']:.2f}",
+            "-" if op is None else f"{t['fused'] / op:.2f}",
         )
     console.print(table)
 

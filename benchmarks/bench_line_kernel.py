@@ -1,4 +1,4 @@
-"""Line attention's bucket as the C++ op of `matris.line_kernel` against the compiled bmm form it replaces.
+"""Line attention's bucket as the C++ op of `matris.cpu_kernels` against the compiled bmm form it replaces.
 
     python benchmarks/bench_line_kernel.py [--input FILE] [--repeats 7] [--json PATH]
 
@@ -27,7 +27,7 @@ from bench_model import DATA, MODELS, labelled_batch, select
 from rich.console import Console
 from rich.table import Table
 
-from matris import line_kernel
+from matris import cpu_kernels
 from matris.layers import line_attention_bucket
 
 LEVELS = {"forward": "fwd", "backward": "fwd+bwd", "double_backward": "fwd+bwd+double bwd"}
@@ -64,9 +64,9 @@ def three_levels(bucket: Callable, x: dict, grad: torch.Tensor, cap: float) -> l
 
 def check(cap: float) -> float:
     """Largest relative difference of the op from the plain bmm form over its three levels."""
-    x = bucket_operands(6, 11, 8, 16, line_kernel.ANGLE_WIDTH)
+    x = bucket_operands(6, 11, 8, 16, cpu_kernels.ANGLE_WIDTH)
     grad = torch.randn(6, 11, 8, 16, generator=torch.Generator().manual_seed(1))
-    kernel = three_levels(line_kernel.line_attention, x, grad, cap)
+    kernel = three_levels(cpu_kernels.line_attention, x, grad, cap)
     plain = three_levels(lambda **a: line_attention_bucket(**a, fused=False), x, grad, cap)
     return max(((k - p).abs().max() / p.abs().max()).item() for k, p in zip(kernel, plain, strict=True))
 
@@ -85,17 +85,17 @@ def best_ms(ops: dict[str, Callable[[], object]], repeats: int) -> dict[str, flo
 
 def bmm_form(**x) -> torch.Tensor:
     """The bucket as training runs it without the op: compiled weights kernel and batched matmuls."""
-    enabled, line_kernel._State.enabled = line_kernel._State.enabled, False
+    enabled, cpu_kernels._State.enabled = cpu_kernels._State.enabled, False
     try:
         return line_attention_bucket(**x, fused=True)
     finally:
-        line_kernel._State.enabled = enabled
+        cpu_kernels._State.enabled = enabled
 
 
 def time_bucket(x: dict, cap: float, repeats: int) -> dict[str, float]:
     """Milliseconds of each form at each level."""
     grad = torch.randn_like(x["q"])
-    forms = {"bmm": bmm_form, "kernel": line_kernel.line_attention}
+    forms = {"bmm": bmm_form, "kernel": cpu_kernels.line_attention}
     result = {}
     for level in LEVELS:
 
@@ -129,12 +129,12 @@ def main() -> None:
     )
     start = time.perf_counter()
     probe = bucket_operands(1, 2, h, c, width)
-    if not line_kernel.applies(probe["q"], probe["qa"]):
-        raise SystemExit("matris.line_kernel does not apply here (it needs x86-64 with AVX2 and a C++ build)")
+    if not cpu_kernels.line_applies(probe["q"], probe["qa"]):
+        raise SystemExit("matris.cpu_kernels does not apply here (it needs x86-64 with AVX2 and a C++ build)")
     build_s = time.perf_counter() - start
     error = check(cap)
     if error > 1e-4:
-        raise SystemExit(f"matris.line_kernel differs from the plain bmm form by {error:.2e}")
+        raise SystemExit(f"matris.cpu_kernels.line_attention differs from the plain bmm form by {error:.2e}")
 
     shapes = bucket_shapes(labelled_batch(select(args.input, 32), config.cutoff), config)
     rows = {

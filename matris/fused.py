@@ -26,6 +26,8 @@ import torch
 from torch.autograd.function import once_differentiable
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
+from matris import cpu_kernels
+
 Kernel = Callable[..., torch.Tensor | tuple[torch.Tensor, ...]]
 
 
@@ -203,8 +205,11 @@ def sink_messages(
     ``q`` (edges, h, c), keys and values side by side as ``kv`` (edges, 2 h c), ``envelope`` (edges,).
     Keys and values come as the one matrix a matmul makes, so that the kernel reads them in place and
     writes their gradient as one tensor: split outside, with the ones channel padded on outside, they
-    cost copies and a stack of their two gradients at every derivative level."""
+    cost copies and a stack of their two gradients at every derivative level. ``fused`` (training): the
+    C++ op of `matris.cpu_kernels` where it applies, else the compiled kernel."""
     plain, op = _sink_messages(cap)
+    if fused and cpu_kernels.sink_applies(q):
+        return cpu_kernels.sink_messages(q, kv, envelope, cap)
     return op(q, kv, envelope) if fused and available() else plain(q, kv, envelope)
 
 

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from matris import line_kernel
+from matris import cpu_kernels
 from matris.fused import line_attention_weights, rms_norm, sink_messages
 
 
@@ -216,10 +216,10 @@ def line_attention_bucket(
     """Line attention's messages (g, m, h, c) for one bucket of g blocks of m slots: ``q``, ``k``, ``v``
     (g, m, h, c), angular queries ``qa`` (g, m, h, L + 1), ``envelope`` (g, 1, m, m), ``angle``
     (g, m, L + 1, m) and the value projection of the angle basis ``angle_v`` (h, L + 1, 1, c).
-    ``fused`` (training): the C++ op of `matris.line_kernel` where it applies, else the compiled weights
+    ``fused`` (training): the C++ op of `matris.cpu_kernels` where it applies, else the compiled weights
     kernel of `matris.fused`."""
-    if fused and line_kernel.applies(q, qa):
-        return line_kernel.line_attention(q, k, v, qa, envelope, angle, angle_v, cap)
+    if fused and cpu_kernels.line_applies(q, qa):
+        return cpu_kernels.line_attention(q, k, v, qa, envelope, angle, angle_v, cap)
     g, m, h, c = q.shape
     width = angle.shape[2]
     q, k, v = (y.transpose(1, 2) for y in (q, k, v))  # (g, h, m, c)

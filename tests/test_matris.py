@@ -17,7 +17,7 @@ from ase.calculators.calculator import PropertyNotImplementedError
 from ase.calculators.fd import calculate_numerical_forces, calculate_numerical_stress
 
 import matris
-from matris import fused, line_kernel
+from matris import cpu_kernels, fused
 from matris.batch import collate
 from matris.config import LossConfig, ModelConfig
 from matris.flops import model_flops
@@ -424,7 +424,7 @@ def test_training_with_fused_kernels_equals_plain_ops(device):
 
 NEEDS_AVX2 = pytest.mark.skipif(
     not (platform.machine() == "x86_64" and torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")),
-    reason="the line-attention kernel needs x86-64 with AVX2",
+    reason="the C++ ops of matris.cpu_kernels need x86-64 with AVX2",
 )
 
 
@@ -454,10 +454,10 @@ def test_line_kernel_equals_bmm_form_to_second_order(channels):
     """The C++ op's output, its seven gradients and the second derivatives of a loss on them (what a force
     loss takes) equal the plain bmm form's, in float32, for heads of 8 to 24 channels."""
     x = bucket_operands(5, 11, 3, channels)
-    assert line_kernel.applies(x["q"], x["qa"])  # builds the extension: a failed build fails here
+    assert cpu_kernels.line_applies(x["q"], x["qa"])  # builds the extension: a failed build fails here
     grad = torch.randn(5, 11, 3, channels, generator=torch.Generator().manual_seed(1)).requires_grad_()
     results = []
-    for bucket in (line_kernel.line_attention, functools.partial(line_attention_bucket, fused=False)):
+    for bucket in (cpu_kernels.line_attention, functools.partial(line_attention_bucket, fused=False)):
         out = bucket(**x, cap=2.0)
         first = torch.autograd.grad(out, list(x.values()), grad, create_graph=True)
         loss = sum((f * torch.cos(f)).sum() for f in first) + out.square().sum()
@@ -467,18 +467,46 @@ def test_line_kernel_equals_bmm_form_to_second_order(channels):
 
 
 @NEEDS_AVX2
-def test_training_step_with_line_kernel_equals_plain_ops(monkeypatch):
-    """A float32 model shaped for the kernel (8 angle channels) trains through it, with the loss and
-    parameter gradients of evaluation's plain ops, and FLOPs counted the same."""
-    monkeypatch.setattr(fused._Compiled, "enabled", False)  # plain ops elsewhere: isolate the line kernel
+@pytest.mark.parametrize("heads, channels", [(3, 8), (8, 16), (12, 24)])
+def test_sink_kernel_equals_plain_form_to_second_order(heads, channels):
+    """The C++ attention-sum op's messages, its three gradients and the second derivatives of a loss on
+    them equal the plain form's in float32, for a part-filled group of eight heads, one, and one and a
+    half."""
+    generator = torch.Generator().manual_seed(0)
+    edges = 37
+    x = [
+        torch.randn(edges, heads, channels, generator=generator).requires_grad_(),
+        torch.randn(edges, 2 * heads * channels, generator=generator).requires_grad_(),
+        torch.rand(edges, generator=generator).requires_grad_(),
+    ]
+    assert cpu_kernels.sink_applies(x[0])  # builds the extension: a failed build fails here
+    grad = torch.randn(edges, heads, channels + 1, generator=generator).requires_grad_()
+    results = []
+    for messages in (cpu_kernels.sink_messages, functools.partial(fused.sink_messages, fused=False)):
+        out = messages(*x, cap=2.0)
+        first = torch.autograd.grad(out, x, grad, create_graph=True)
+        loss = sum((f * torch.cos(f)).sum() for f in first) + out.square().sum()
+        results.append([out, *first, *torch.autograd.grad(loss, [grad, *x])])
+    for got, expected in zip(*results, strict=True):
+        assert (got - expected).abs().max() <= 1e-4 * expected.abs().max()
+
+
+@NEEDS_AVX2
+def test_training_step_with_cpu_kernels_equals_plain_ops(monkeypatch):
+    """A float32 model shaped for the C++ ops (16 channels per head, 8 angle channels) trains through both,
+    with the loss and parameter gradients of evaluation's plain ops, and FLOPs counted the same."""
+    monkeypatch.setattr(fused._Compiled, "enabled", False)  # plain ops elsewhere: isolate the C++ ops
     calls = []
 
-    def counted(*args, **kwargs):
-        calls.append(args[0].shape)
-        return kernel(*args, **kwargs)
+    def counting(op):
+        def counted(*args, **kwargs):
+            calls.append(op.__name__)
+            return op(*args, **kwargs)
 
-    kernel = line_kernel.line_attention
-    monkeypatch.setattr(line_kernel, "line_attention", counted)
+        return counted
+
+    for name in ("line_attention", "sink_messages"):
+        monkeypatch.setattr(cpu_kernels, name, counting(getattr(cpu_kernels, name)))
     torch.manual_seed(0)
     model = MatRIS(ModelConfig.from_preset("tiny", dim=32, num_heads=2, num_angular=7, tasks=TASKS))
     batch = collate([graph(a) for a in (cu_cell(), methane())], dtype=torch.float32)
@@ -489,7 +517,9 @@ def test_training_step_with_line_kernel_equals_plain_ops(monkeypatch):
         loss = p["energy"].square().sum() + p["forces"].square().sum() + p["stress"].square().sum()
         results.append((loss, torch.autograd.grad(loss, list(model.parameters()), allow_unused=True)))
         calls_per_mode.append(len(calls))
-    assert calls_per_mode[0] >= len(model.blocks) and calls_per_mode[1] == calls_per_mode[0]  # training only
+    assert calls_per_mode[1] == calls_per_mode[0]  # training only
+    assert calls.count("line_attention") >= len(model.blocks)
+    assert calls.count("sink_messages") == len(model.blocks)  # the atom attention of every block
     (kernel_loss, kernel_grads), (plain_loss, plain_grads) = results
     assert kernel_loss.item() == pytest.approx(plain_loss.item(), rel=1e-5)
     for a, b in zip(kernel_grads, plain_grads, strict=True):
@@ -498,26 +528,29 @@ def test_training_step_with_line_kernel_equals_plain_ops(monkeypatch):
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4 * b.abs().max().item())
     model.train()
     counted_with_kernel = model_flops(model, batch)
-    monkeypatch.setattr(line_kernel._State, "enabled", False)
+    monkeypatch.setattr(cpu_kernels._State, "enabled", False)
     assert model_flops(model, batch) == counted_with_kernel  # counted on the bmm form either way
 
 
-def test_failed_line_kernel_build_warns_once_and_keeps_bmm_form(monkeypatch):
-    monkeypatch.setattr(line_kernel._State, "enabled", True)
+def test_failed_cpu_kernels_build_warns_once_and_keeps_compiled_forms(monkeypatch):
+    monkeypatch.setattr(cpu_kernels._State, "enabled", True)
 
     def no_compiler():
         raise RuntimeError("g++: not found")
 
-    monkeypatch.setattr(line_kernel, "_extension", no_compiler)
+    monkeypatch.setattr(cpu_kernels, "_extension", no_compiler)
     x = bucket_operands(2, 4, 1)
     with pytest.warns(RuntimeWarning, match="g[+][+]: not found"):
-        assert not line_kernel.applies(x["q"], x["qa"])
-    assert not line_kernel._State.enabled
+        assert not cpu_kernels.line_applies(x["q"], x["qa"])
+    assert not cpu_kernels._State.enabled
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # once: the next call neither retries the build nor warns again
-        assert not line_kernel.applies(x["q"], x["qa"])
-    out = line_attention_bucket(**x, cap=2.0, fused=True)
-    assert type(out.grad_fn).__name__ != "_LineAttentionBackward"
+        assert not cpu_kernels.line_applies(x["q"], x["qa"])
+        assert not cpu_kernels.sink_applies(x["q"])
+    # the ops would call the failing build: these run on the compiled forms
+    line_attention_bucket(**x, cap=2.0, fused=True)
+    q, kv = x["q"].flatten(0, 1), torch.cat([x["k"], x["v"]], dim=-1).flatten(0, 1).flatten(1)
+    fused.sink_messages(q, kv, torch.rand(q.shape[0]), cap=2.0)
 
 
 def test_magmom_head_is_trained_where_labelled():

@@ -1,5 +1,5 @@
 // Line attention's bucket as one op for float32 CPU tensors, blocked by hand for AVX2 with FMA (a multiple
-// of 8 channels per head, 8 angle channels), built on first use by matris/line_kernel.py. Nothing of size
+// of 8 channels per head, 8 angle channels), built on first use by matris/cpu_kernels.py. Nothing of size
 // (g, h, m, L + 1, m) goes through memory: per block row and head, the scores, the sink softmax and the
 // value sums over (l, b) stay in vector registers and small buffers while the row's slots stream past.
 // The forward, the backward and the double backward; the double backward is the backward's own code run
@@ -22,10 +22,7 @@
 #include <type_traits>
 #include <vector>
 
-#if !defined(__AVX2__) || !defined(__FMA__)
-#error "line_attention.cpp needs AVX2 and FMA (-mavx2 -mfma)"
-#endif
-#include <immintrin.h>
+#include "dual.h"
 
 namespace {
 
@@ -33,131 +30,17 @@ struct Sizes {
   int64_t g, m, h, c, w;
 };
 
-extern "C" __m256 _ZGVdN8v_expf(__m256);  // glibc's libmvec, 8 floats at a time
-
 constexpr int64_t kW = 8;  // angle channels (L + 1), compile-time so that a row's sums over them fit registers
 
-// The blocked kernels are written once over a number type: F, 8 floats, or D, 8 dual numbers (value and
-// tangent along the double backward's incoming cotangents). The backward on D is the double backward:
-// its tangents are the gradients of the backward's inputs, and the tangent of the forward's output, which
-// it recomputes, is the gradient of the cotangent G (the backward is linear in G).
-struct F {
-  __m256 x;
-};
-struct D {
-  __m256 x, d;
-};
-struct Ds {  // a dual scalar
-  float x, d;
-};
-struct FP {  // where F numbers live
-  float* x;
-  FP operator+(int64_t i) const { return {x + i}; }
-};
-struct DP {  // where D numbers live: values and tangents in two arrays of the same layout
-  float* x;
-  float* d;
-  DP operator+(int64_t i) const { return {x + i, d + i}; }
-};
-struct TP {  // where the double backward's gradients go: tangents only, since no one reads their values
-  float* d;
-  TP operator+(int64_t i) const { return {d + i}; }
-};
-template <class N> struct Num;
-template <> struct Num<F> {
-  using Ptr = FP;
-  using Out = FP;
-  using Scalar = float;
-};
-template <> struct Num<D> {
-  using Ptr = DP;
-  using Out = TP;
-  using Scalar = Ds;
-};
-template <class N> using Ptr = typename Num<N>::Ptr;
-template <class N> using Out = typename Num<N>::Out;  // where gradients are summed
-template <class N> using Scalar = typename Num<N>::Scalar;
-
-inline F load(FP p) { return {_mm256_loadu_ps(p.x)}; }
-inline D load(DP p) { return {_mm256_loadu_ps(p.x), _mm256_loadu_ps(p.d)}; }
-inline void store(FP p, F a) { _mm256_storeu_ps(p.x, a.x); }
-inline void store(DP p, D a) { _mm256_storeu_ps(p.x, a.x), _mm256_storeu_ps(p.d, a.d); }
-// a sum that starts at value 0: the compiler drops the value part of what only feeds it
-inline D load(TP p) { return {_mm256_setzero_ps(), _mm256_loadu_ps(p.d)}; }
-inline void store(TP p, D a) { _mm256_storeu_ps(p.d, a.d); }
-inline F bcast(FP p) { return {_mm256_set1_ps(*p.x)}; }
-inline D bcast(DP p) { return {_mm256_set1_ps(*p.x), _mm256_set1_ps(*p.d)}; }
-inline F bcast(float s) { return {_mm256_set1_ps(s)}; }
-inline D bcast(Ds s) { return {_mm256_set1_ps(s.x), _mm256_set1_ps(s.d)}; }
 // the sums of kPass accumulators, stored side by side: eight for F numbers, the tangents of four for D
 inline void store_sums(FP p, const F* acc) {
-  const __m256 a = _mm256_hadd_ps(acc[0].x, acc[1].x), b = _mm256_hadd_ps(acc[2].x, acc[3].x),
-               c = _mm256_hadd_ps(acc[4].x, acc[5].x), d = _mm256_hadd_ps(acc[6].x, acc[7].x);
-  const __m256 ab = _mm256_hadd_ps(a, b), cd = _mm256_hadd_ps(c, d);  // lanes: low halves, then high halves
-  _mm256_storeu_ps(p.x, _mm256_add_ps(_mm256_permute2f128_ps(ab, cd, 0x20), _mm256_permute2f128_ps(ab, cd, 0x31)));
+  __m256 x[8];
+  for (int i = 0; i < 8; ++i) x[i] = acc[i].x;
+  _mm256_storeu_ps(p.x, hsum8(x));
 }
 inline void store_sums(TP p, const D* acc) {
   const __m256 ab = _mm256_hadd_ps(_mm256_hadd_ps(acc[0].d, acc[1].d), _mm256_hadd_ps(acc[2].d, acc[3].d));
   _mm_storeu_ps(p.d, _mm_add_ps(_mm256_castps256_ps128(ab), _mm256_extractf128_ps(ab, 1)));
-}
-template <class N> N zero();
-template <> inline F zero<F>() { return {_mm256_setzero_ps()}; }
-template <> inline D zero<D>() { return {_mm256_setzero_ps(), _mm256_setzero_ps()}; }
-template <class N> N constant(__m256 x);  // a number with no tangent
-template <> inline F constant<F>(__m256 x) { return {x}; }
-template <> inline D constant<D>(__m256 x) { return {x, _mm256_setzero_ps()}; }
-
-inline F add(F a, F b) { return {_mm256_add_ps(a.x, b.x)}; }
-inline D add(D a, D b) { return {_mm256_add_ps(a.x, b.x), _mm256_add_ps(a.d, b.d)}; }
-inline F sub(F a, F b) { return {_mm256_sub_ps(a.x, b.x)}; }
-inline D sub(D a, D b) { return {_mm256_sub_ps(a.x, b.x), _mm256_sub_ps(a.d, b.d)}; }
-inline F mul(F a, F b) { return {_mm256_mul_ps(a.x, b.x)}; }
-inline D mul(D a, D b) {
-  return {_mm256_mul_ps(a.x, b.x), _mm256_fmadd_ps(a.d, b.x, _mm256_mul_ps(a.x, b.d))};
-}
-inline F fma(F a, F b, F c) { return {_mm256_fmadd_ps(a.x, b.x, c.x)}; }  // a b + c
-inline D fma(D a, D b, D c) {
-  return {_mm256_fmadd_ps(a.x, b.x, c.x), _mm256_fmadd_ps(a.d, b.x, _mm256_fmadd_ps(a.x, b.d, c.d))};
-}
-inline F scale(F a, float s) { return {_mm256_mul_ps(a.x, _mm256_set1_ps(s))}; }
-inline D scale(D a, float s) {
-  const __m256 vs = _mm256_set1_ps(s);
-  return {_mm256_mul_ps(a.x, vs), _mm256_mul_ps(a.d, vs)};
-}
-
-inline float hsum(__m256 x) {
-  alignas(32) float lanes[8];
-  _mm256_store_ps(lanes, x);
-  return lanes[0] + lanes[1] + lanes[2] + lanes[3] + lanes[4] + lanes[5] + lanes[6] + lanes[7];
-}
-inline float hsum(F a) { return hsum(a.x); }
-inline Ds hsum(D a) { return {hsum(a.x), hsum(a.d)}; }
-inline float inverse_1p(float z) { return 1 / (1 + z); }  // 1 / (1 + z)
-inline Ds inverse_1p(Ds z) {
-  const float inv = 1 / (1 + z.x);
-  return {inv, -inv * inv * z.d};
-}
-
-inline F exp(F a) { return {_ZGVdN8v_expf(a.x)}; }
-inline D exp(D a) {
-  const __m256 e = _ZGVdN8v_expf(a.x);
-  return {e, _mm256_mul_ps(e, a.d)};
-}
-// tanh(a / cap) as 1 - 2 / (exp(2a / cap) + 1): one exp instead of libmvec's slower tanh
-inline F tanh_over(F a, float cap) {
-  const __m256 one = _mm256_set1_ps(1.0f);
-  const __m256 x2 = _mm256_min_ps(_mm256_mul_ps(a.x, _mm256_set1_ps(2 / cap)), _mm256_set1_ps(80.0f));
-  return {_mm256_sub_ps(one, _mm256_div_ps(_mm256_set1_ps(2.0f), _mm256_add_ps(_ZGVdN8v_expf(x2), one)))};
-}
-inline D tanh_over(D a, float cap) {
-  const __m256 t = tanh_over(F{a.x}, cap).x;
-  const __m256 slope = _mm256_mul_ps(_mm256_fnmadd_ps(t, t, _mm256_set1_ps(1.0f)), _mm256_set1_ps(1 / cap));
-  return {t, _mm256_mul_ps(slope, a.d)};
-}
-inline F one_minus_square(F t) { return {_mm256_fnmadd_ps(t.x, t.x, _mm256_set1_ps(1.0f))}; }
-inline D one_minus_square(D t) {
-  return {_mm256_fnmadd_ps(t.x, t.x, _mm256_set1_ps(1.0f)),
-          _mm256_mul_ps(_mm256_set1_ps(-2.0f), _mm256_mul_ps(t.x, t.d))};
 }
 
 // count numbers, zero-initialised, behind a pointer of kind P (FP, DP or TP), on 64-byte cache lines: a
@@ -249,22 +132,6 @@ Scalar<N> blocked_weights(int64_t c, int64_t mp, float cap, Ptr<N> q_a, Ptr<N> q
 // Accumulators per pass over a row's slots: all 8 angle channels for F numbers; 4 for D numbers, whose
 // 8 would take all 16 vector registers and spill.
 template <class N> constexpr int64_t kPass = std::is_same_v<N, D> ? kW / 2 : kW;
-
-// A running sum of products. A D number's tangent gathers two products per term, which as one chain
-// would wait on two FMA latencies per term: it keeps them in two registers, summed at the end.
-template <class N> struct Sum;
-template <> struct Sum<F> {
-  F s = zero<F>();
-  void add(F a, F b) { s = fma(a, b, s); }
-  F value() const { return s; }
-};
-template <> struct Sum<D> {
-  __m256 x = _mm256_setzero_ps(), d1 = _mm256_setzero_ps(), d2 = _mm256_setzero_ps();
-  void add(D a, D b) {
-    x = _mm256_fmadd_ps(a.x, b.x, x), d1 = _mm256_fmadd_ps(a.d, b.x, d1), d2 = _mm256_fmadd_ps(a.x, b.d, d2);
-  }
-  D value() const { return {x, _mm256_add_ps(d1, d2)}; }
-};
 
 // S_l,chunk = Σ_b P_lb v_b,chunk for one chunk of 8 channels of the head, the sums held in registers.
 template <class N>
@@ -472,7 +339,11 @@ Sizes checked_sizes(const torch::Tensor& q, const torch::Tensor& qa, std::initia
   return n;
 }
 
-torch::Tensor forward(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor qa, torch::Tensor env,
+}  // namespace
+
+namespace matris_ops {
+
+torch::Tensor line_forward(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor qa, torch::Tensor env,
                       torch::Tensor theta, torch::Tensor A, double cap) {
   const Sizes n = checked_sizes(q, qa, {q, k, v, qa, env, theta, A});
   auto out = torch::empty_like(q);
@@ -481,7 +352,7 @@ torch::Tensor forward(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::
   return out;
 }
 
-std::vector<torch::Tensor> backward(torch::Tensor grad, torch::Tensor q, torch::Tensor k, torch::Tensor v,
+std::vector<torch::Tensor> line_backward(torch::Tensor grad, torch::Tensor q, torch::Tensor k, torch::Tensor v,
                                     torch::Tensor qa, torch::Tensor env, torch::Tensor theta, torch::Tensor A,
                                     double cap) {
   const Sizes n = checked_sizes(q, qa, {grad, q, k, v, qa, env, theta, A});
@@ -496,7 +367,7 @@ std::vector<torch::Tensor> backward(torch::Tensor grad, torch::Tensor q, torch::
 
 // The vjp of backward for cotangents u of its seven outputs: the gradients of G and of the seven inputs, as
 // the backward run on dual numbers whose tangents are u.
-std::vector<torch::Tensor> double_backward(torch::Tensor grad, torch::Tensor q, torch::Tensor k, torch::Tensor v,
+std::vector<torch::Tensor> line_double_backward(torch::Tensor grad, torch::Tensor q, torch::Tensor k, torch::Tensor v,
                                            torch::Tensor qa, torch::Tensor env, torch::Tensor theta,
                                            torch::Tensor A, torch::Tensor uq, torch::Tensor uk, torch::Tensor uv,
                                            torch::Tensor uqa, torch::Tensor uenv, torch::Tensor utheta,
@@ -515,10 +386,4 @@ std::vector<torch::Tensor> double_backward(torch::Tensor grad, torch::Tensor q, 
   return tangents;
 }
 
-}  // namespace
-
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("forward", &forward, "line attention's bucket (float, c a multiple of 8, L + 1 = 8)");
-  m.def("backward", &backward, "its vector-Jacobian product");
-  m.def("double_backward", &double_backward, "the vjp of backward, on dual numbers");
-}
+}  // namespace matris_ops

@@ -492,6 +492,16 @@ def test_sink_kernel_equals_plain_form_to_second_order(heads, channels):
 
 
 @NEEDS_AVX2
+def test_sink_kernel_rejects_mismatched_shapes_before_reading_memory():
+    q, env = torch.randn(5, 2, 8), torch.rand(5)
+    assert cpu_kernels.sink_applies(q)
+    with pytest.raises(RuntimeError, match="kv must be"):
+        cpu_kernels.sink_messages(q, torch.randn(5, 16), env, cap=2.0)  # keys without values
+    with pytest.raises(RuntimeError, match="grad must be"):
+        cpu_kernels._extension().sink_backward(torch.randn(5, 2, 8), q, torch.randn(5, 32), env, 2.0)
+
+
+@NEEDS_AVX2
 def test_training_step_with_cpu_kernels_equals_plain_ops(monkeypatch):
     """A float32 model shaped for the C++ ops (16 channels per head, 8 angle channels) trains through both,
     with the loss and parameter gradients of evaluation's plain ops, and FLOPs counted the same."""

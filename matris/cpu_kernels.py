@@ -6,7 +6,7 @@
   and value sums in vector registers.
 - An attention sum's per-edge terms (`sink_messages`, ``csrc/sink_messages.cpp``), the atom attention's
   ``[w v | w]`` of `matris.fused.sink_messages`: one pass over the edges per level, with the eight heads
-  of a group in the lanes of a vector, where inductor's code for the same levels took about 3× longer.
+  of a group in the lanes of a vector, where inductor's code for the same levels took about 2.5× longer.
 
 Both double backwards are their backward's own code run on dual numbers (``csrc/dual.h``). They cover
 float32 CPU tensors with a multiple of 8 channels per head (every preset but ``tiny``: 16 channels in

@@ -91,9 +91,10 @@ def sink_applies(q: torch.Tensor) -> bool:
     return _applies(q)
 
 
-def _op(name: str):
+def _op(name: str, title: str):
     """The autograd op of the extension's ``{name}_forward``, ``_backward`` and ``_double_backward``, whose
-    last argument is a float (the score cap); no third derivative."""
+    last argument is a float (the score cap); no third derivative. Its classes are named after ``title``
+    (graph nodes ``_{title}Backward`` and ``_{title}VjpBackward``), so that profiles tell them apart."""
 
     class Backward(torch.autograd.Function):
         @staticmethod
@@ -122,11 +123,12 @@ def _op(name: str):
         def backward(ctx, grad):
             return (*Backward.apply(grad.contiguous(), *ctx.saved_tensors, ctx.cap), None)
 
-    Backward.__name__, Op.__name__ = f"{name}_backward", name
-    return Op.apply
+    # subclasses carry the names: autograd names a Function's graph node when its class is made
+    Backward = type(f"_{title}Vjp", (Backward,), {})
+    return type(f"_{title}", (Op,), {}).apply
 
 
-_line_attention, _sink_messages = _op("line"), _op("sink")
+_line_attention, _sink_messages = _op("line", "LineAttention"), _op("sink", "SinkMessages")
 
 
 def line_attention(

@@ -11,7 +11,8 @@ sizes change every step, the kernels do not).
 The model asks for these kernels in training mode (``fused=True``); they run while `available` is true.
 Evaluation keeps plain ops, which `matris.deploy` traces, and so does training with ``MATRIS_COMPILE=0`` or
 after compiling has failed (no C++ compiler, an unsupported backend; one warning), since uncompiled the
-derived derivatives are no faster than autograd's. A third derivative is not supported.
+derived derivatives are no faster than autograd's. A third derivative is not supported. On x86-64 CPUs
+with AVX2, `sink_messages` runs as the C++ op of `matris.cpu_kernels` instead, compiling or not.
 """
 
 from __future__ import annotations

@@ -480,6 +480,7 @@ def test_sink_kernel_equals_plain_form_to_second_order(heads, channels):
         torch.rand(edges, generator=generator).requires_grad_(),
     ]
     assert cpu_kernels.sink_applies(x[0])  # builds the extension: a failed build fails here
+    assert type(cpu_kernels.sink_messages(*x, cap=2.0).grad_fn).__name__ == "_SinkMessagesBackward"
     grad = torch.randn(edges, heads, channels + 1, generator=generator).requires_grad_()
     results = []
     for messages in (cpu_kernels.sink_messages, functools.partial(fused.sink_messages, fused=False)):

@@ -47,13 +47,11 @@ inline void store_sums(TP p, const D* acc) {
 // vector stored across two lines cannot be forwarded to the broadcasts that read it back
 template <class P> struct Buffer {
   static constexpr int64_t kLine = 16;  // floats per cache line
+  int64_t padded;                       // count rounded up to whole lines: where a DP's tangents start
   std::vector<float> data;
-  int64_t count, padded;
   float* base;
   explicit Buffer(int64_t count)
-      : data((std::is_same_v<P, DP> ? 2 : 1) * ((count + kLine - 1) / kLine * kLine) + kLine),
-        count(count),
-        padded((count + kLine - 1) / kLine * kLine) {
+      : padded((count + kLine - 1) / kLine * kLine), data((std::is_same_v<P, DP> ? 2 : 1) * padded + kLine) {
     const auto address = reinterpret_cast<std::uintptr_t>(data.data());
     base = data.data() + ((-address) % 64) / sizeof(float);
   }

@@ -64,6 +64,10 @@ class TrainConfig(Strict):
         None, ge=1, description="line-graph triplets per global batch (dense cells have ~250 per atom)"
     )
     checkpoint_every: int = Field(25, ge=1)
+    eval_every: int = Field(
+        100, ge=0, description="validate on the held-out split every N steps and after the last (0: never)"
+    )
+    eval_max_structures: int = Field(100, ge=1, description="held-out structures per task scored each time")
     keep_checkpoints: int = Field(2, ge=1)
     dtype: Literal["float32", "float64"] = "float32"
     sleep_per_step_s: float = Field(0.0, ge=0, description="injected delay (scaling-regression tests)")

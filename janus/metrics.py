@@ -1,4 +1,5 @@
-"""`train/metrics.jsonl`: one JSON object per optimizer step, written by rank 0.
+"""`train/metrics.jsonl`: one JSON object per optimizer step, written by rank 0, and one per scored set of
+weights at each validation, marked ``"kind": VALIDATION`` (`janus.validation`).
 
 On resume the log is cut back to the checkpoint's step first, so a killed-and-resumed run has exactly one
 line per step and the loss curve continues where the checkpoint left it.
@@ -12,6 +13,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+VALIDATION = "validation"
 
 
 class MetricsLog:
@@ -59,3 +62,12 @@ def peak_memory_bytes(device: torch.device) -> int:
     import resource
 
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+
+def training_records(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The per-step records of a ``metrics.jsonl``'s rows (validation records left out)."""
+    return [r for r in rows if r.get("kind") != VALIDATION and "step" in r]
+
+
+def validation_records(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [r for r in rows if r.get("kind") == VALIDATION]

@@ -47,6 +47,7 @@ from janus.parallel import (
     reduce_gradients,
     step_phase,
 )
+from janus.validation import Validator, describe
 from matris import MatRIS, ModelConfig, predict
 from matris.batch import collate
 from matris.graph import StructureGraph
@@ -350,11 +351,24 @@ def train(cfg: JanusConfig, env: launch.DistEnv) -> None:
     trainer = Trainer(cfg, env)
     start = trainer.resume()
     log = MetricsLog(cfg.out_dir / "metrics.jsonl", resume_step=start) if env.is_main else None
+    every = cfg.train.eval_every
+    validator = None
+    if every:
+        validator = Validator(
+            cfg.data_dir, cfg.out_dir, trainer.model_cfg, trainer.dtype, env.is_main,
+            cfg.train.eval_max_structures, resumed=start > 0,
+        )  # fmt: skip
     for step in range(start, cfg.train.steps):
         result = trainer.step(step)
         done = step + 1
         if log is not None:
             log.write(result.record)
+        if validator is not None and (done % every == 0 or done == cfg.train.steps):
+            records = validator.run(trainer.model, done, trainer.ema.state_dict() if trainer.ema else None)
+            if log is not None and records:
+                for record in records:
+                    log.write(record)
+                print(describe(records), flush=True)
         if done % cfg.train.checkpoint_every == 0 or done == cfg.train.steps:
             trainer.save(done, result.record["epoch"])
     if log is not None:

@@ -5,8 +5,11 @@
 
 Writes ``metrics.json`` with the sha256 of the model it scored and:
 
-- ``tasks``: per task, energy MAE/RMSE (meV/atom), force MAE/RMSE (meV/Å) and cosine similarity, stress
-  MAE (meV/Å³ and GPa), counts; ``baseline`` the same for ``--baseline`` on the same structures.
+- ``tasks``: per task, energy MAE/RMSE (meV/atom), force MAE/RMSE (meV/Å) and cosine similarity, the
+  zero-force baseline (the force MAE of predicting no force: a model near it has not learned forces),
+  stress MAE (meV/Å³ and GPa), counts, and ``n_unseen_elements``: structures holding an element that the
+  model never saw in that task's training split (its reference energy is unknown, so its energy is a
+  guess); ``baseline`` the same for ``--baseline`` on the same structures.
 - ``md``: one short NVE run per periodic task and one molecule (`matris.md`), through the ASE calculator.
   Each starts from the smallest scored held-out structure of its task with at least ``MIN_MD_ATOMS``
   atoms, with Maxwell-Boltzmann velocities at 300 K (seed 0) and 1 fs steps. A large cell gets fewer
@@ -167,6 +170,7 @@ def score(
     if unknown:
         raise ValueError(f"{model_path} was not trained on task(s) {unknown}; it knows {model_tasks}")
     dtype = next(model.parameters()).dtype
+    trained = {task: model.trained_elements(task) for task in model_tasks}
     sums: dict[str, dict[str, float]] = {}
     parity: dict[str, dict[str, list[np.ndarray]]] = {}
     for chunk in batches(sorted(graphs), sizes, max_atoms):
@@ -174,21 +178,26 @@ def score(
         remapped = [replace(graphs[i], task=model_tasks.index(n)) for i, n in zip(chunk, names, strict=True)]
         batch = collate(remapped, dtype=dtype)
         pred = predict(model, batch, training=False)
-        _accumulate(sums, parity, names, batch, pred)
+        _accumulate(sums, parity, names, batch, pred, trained)
     return {task: _finish(values) for task, values in sorted(sums.items())}, parity
 
 
-def _accumulate(sums: dict, parity: dict, names: list[str], batch, pred: dict[str, torch.Tensor]) -> None:
+SUMS = ("n", "atoms", "e_abs", "e_sq", "f_abs", "f_sq", "f_zero", "f_cos", "s_n", "s_abs", "unseen")
+
+
+def _accumulate(sums: dict, parity: dict, names: list[str], batch, pred: dict[str, torch.Tensor],
+                trained: dict[str, set[int]]) -> None:  # fmt: skip
     n_atoms = batch.n_atoms.double()
     e_pred, e_ref = pred["energy"].double() / n_atoms, batch.energy.double() / n_atoms
     e_err = (e_pred - e_ref).abs()
     f_err = (pred["forces"] - batch.forces).double().abs()
     cos = torch.nn.functional.cosine_similarity(pred["forces"].double(), batch.forces.double(), dim=-1)
     for b, name in enumerate(names):
-        s = sums.setdefault(name, {"n": 0, "atoms": 0, "e_abs": 0.0, "e_sq": 0.0, "f_abs": 0.0, "f_sq": 0.0,
-                                   "f_cos": 0.0, "s_n": 0, "s_abs": 0.0})  # fmt: skip
+        s = sums.setdefault(name, dict.fromkeys(SUMS, 0.0))
         atoms = batch.atom_structure == b
         s["n"] += 1
+        s["unseen"] += bool(set(batch.atomic_numbers[atoms].tolist()) - trained[name])
+        s["f_zero"] += float(batch.forces[atoms].double().abs().sum())
         s["atoms"] += int(atoms.sum())
         s["e_abs"] += float(e_err[b])
         s["e_sq"] += float(e_err[b] ** 2)
@@ -209,16 +218,18 @@ def _finish(s: dict[str, float]) -> dict[str, Any]:
     components = 3 * s["atoms"]
     stress = s["s_abs"] / s["s_n"] * 1000 if s["s_n"] else None
     return {
-        "n_structures": s["n"],
-        "n_atoms": s["atoms"],
+        "n_structures": int(s["n"]),
+        "n_atoms": int(s["atoms"]),
         "energy_mae_mev_per_atom": 1000 * s["e_abs"] / s["n"],
         "energy_rmse_mev_per_atom": 1000 * (s["e_sq"] / s["n"]) ** 0.5,
         "force_mae_mev_per_a": 1000 * s["f_abs"] / components,
         "force_rmse_mev_per_a": 1000 * (s["f_sq"] / components) ** 0.5,
+        "force_zero_mae_mev_per_a": 1000 * s["f_zero"] / components,
         "force_cosine": s["f_cos"] / s["atoms"],
-        "n_stress": s["s_n"],
+        "n_stress": int(s["s_n"]),
         "stress_mae_mev_per_a3": stress,
         "stress_mae_gpa": None if stress is None else stress / 1000 / GPa,
+        "n_unseen_elements": int(s["unseen"]),
     }
 
 
@@ -327,10 +338,12 @@ COLUMNS = [
     ("energy MAE meV/atom", "energy_mae_mev_per_atom", ".1f"),
     ("energy RMSE meV/atom", "energy_rmse_mev_per_atom", ".1f"),
     ("force MAE meV/Å", "force_mae_mev_per_a", ".1f"),
+    ("zero-force MAE meV/Å", "force_zero_mae_mev_per_a", ".1f"),
     ("force RMSE meV/Å", "force_rmse_mev_per_a", ".1f"),
     ("force cos", "force_cosine", ".3f"),
     ("stress MAE meV/Å³", "stress_mae_mev_per_a3", ".2f"),
     ("stress MAE GPa", "stress_mae_gpa", ".3f"),
+    ("unseen elements", "n_unseen_elements", "d"),
 ]
 
 

@@ -39,6 +39,7 @@ from matris.model import MatRIS
 from matris.prune import parse_elements, prune_elements
 
 STEP_DIR = re.compile(r"^step_(\d+)$")
+BEST_WEIGHTS_FILE = "best_model.safetensors"  # beside the checkpoints folder, kept by janus.validation
 
 
 def newest_checkpoint(root: Path) -> Path:
@@ -77,16 +78,18 @@ def export_checkpoint(
     """
     checkpoint = newest_checkpoint(root)
     train_state = json.loads((checkpoint / "train_state.json").read_text())
-    model = consolidate(checkpoint)
+    model, weights = _chosen_weights(checkpoint, train_state["step"])
     manifest = _find_manifest(checkpoint, data_dir)
     provenance = {
         "checkpoint": checkpoint.name,
         "step": train_state["step"],
+        "weights": weights,
         "trained_world_size": train_state.get("world_size"),
         "seed": train_state.get("seed"),
         "data_manifest": str(manifest) if manifest else None,
         "data_manifest_sha256": file_sha256(manifest) if manifest else None,
         "elements": _elements(model, manifest),
+        "trained_elements": {task: sorted(model.trained_elements(task)) for task in model.config.tasks},
         "git_commit": _git_commit(),
         "exported_at": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "matris_version": _version("matris-janus"),
@@ -101,6 +104,23 @@ def export_checkpoint(
 
         write_artifact(model, Path(deploy_path), source=Path(out_path))
     return {"model": str(out_path), **provenance}
+
+
+def _chosen_weights(checkpoint: Path, final_step: int) -> tuple[MatRIS, dict[str, Any]]:
+    """The best-validation weights of the run (``BEST_WEIGHTS_FILE`` beside the checkpoints folder, when
+    validation ran), else the checkpoint's; with where they came from and why."""
+    best = checkpoint.parent.parent / BEST_WEIGHTS_FILE
+    if best.is_file():
+        info = metadata(best)
+        if info.get("step", final_step + 1) <= final_step:
+            why = (
+                f"lowest validation score ({info['val_score']:.4f}: mean over tasks of force MAE over the "
+                f"zero-force MAE and energy MAE over the reference energies' MAE) of the "
+                f"{info['weights']} weights at step {info['step']}"
+            )
+            return load(best), {"step": info["step"], "kind": info["weights"], "why": why}
+    why = "final checkpoint (no validation record)"
+    return consolidate(checkpoint), {"step": final_step, "kind": "model", "why": why}
 
 
 def export_model(

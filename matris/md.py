@@ -3,8 +3,17 @@
 A potential can score well on held-out single points and still be unusable in MD: a non-conservative or
 rough energy surface makes the total energy drift, and a surface with holes lets atoms fall onto each
 other. Velocity Verlet without a thermostat exposes both within a few hundred femtoseconds, so each run
-reports the drift of the total energy per atom (slope of a straight-line fit, meV/atom/ps) and whether it
-stayed physical (finite energies and forces, no two atoms closer than ``min_distance``).
+reports the drift of the total energy per atom (slope of a straight-line fit, meV/atom/ps) and calls the
+run stable only if every bound held:
+
+- finite energies and forces;
+- the closest pair stays above ``CLOSEST_PAIR_FLOOR`` of the starting structure's closest pair (and above
+  ``min_distance``): a collapsed cell can conserve energy perfectly while its atoms sit on each other;
+- the drift stays within ``MAX_DRIFT_MEV_PER_ATOM_PS``;
+- the temperature stays below ``MAX_TEMPERATURE_FACTOR`` times the starting temperature (a fall into a
+  hole of the surface turns its depth into heat).
+
+``reason`` names every bound that failed.
 """
 
 from __future__ import annotations
@@ -22,6 +31,9 @@ from ase.md.verlet import VelocityVerlet
 from matris.graph import neighbor_graph
 
 PROBE = 3.0  # Å: pairs closer than this are searched for the smallest distance
+CLOSEST_PAIR_FLOOR = 0.6  # of the starting closest pair; thermal motion at 300 K shortens it by ~10 %
+MAX_DRIFT_MEV_PER_ATOM_PS = 50.0  # |slope| of the total energy per atom
+MAX_TEMPERATURE_FACTOR = 10.0  # of the starting temperature
 
 
 @dataclass
@@ -40,7 +52,9 @@ class MDResult:
     drift_mev_per_atom_per_ps: float | None
     max_deviation_mev_per_atom: float | None
     min_distance_a: float | None
+    closest_pair_floor_a: float
     final_temperature_k: float | None
+    max_temperature_k: float | None
     stable: bool
     reason: str
     seconds: float
@@ -70,16 +84,22 @@ def run_nve(
     if not periodic:
         ZeroRotation(atoms)
     dynamics = VelocityVerlet(atoms, timestep=timestep_fs * units.fs)
-    energies, closest, reason, done = [], [], "", 0
+    floor = max(min_distance, CLOSEST_PAIR_FLOOR * smallest_distance(atoms))
+    hottest = MAX_TEMPERATURE_FACTOR * temperature_k
+    energies, closest, temperatures, failed, done = [], [], [], [], 0
     while True:
         energy = atoms.get_potential_energy() + atoms.get_kinetic_energy()
         if not (np.isfinite(energy) and np.isfinite(atoms.get_forces()).all()):
-            reason = f"non-finite energy or forces at step {done}"
+            failed.append(f"non-finite energy or forces at step {done}")
             break
         energies.append(energy)
         closest.append(smallest_distance(atoms))
-        if closest[-1] < min_distance:
-            reason = f"atoms {closest[-1]:.2f} Å apart at step {done} (limit {min_distance} Å)"
+        temperatures.append(float(atoms.get_temperature()))
+        if closest[-1] < floor:
+            failed.append(f"closest pair {closest[-1]:.2f} Å at step {done}, below the floor {floor:.2f} Å")
+            break
+        if temperatures[-1] > hottest:
+            failed.append(f"temperature {temperatures[-1]:.0f} K at step {done}, above {hottest:.0f} K")
             break
         if done == steps:
             break
@@ -90,6 +110,9 @@ def run_nve(
     if len(per_atom) > 1:
         times_ps = np.arange(len(per_atom)) * timestep_fs / 1000
         drift = float(np.polyfit(times_ps, per_atom, 1)[0])
+        if abs(drift) > MAX_DRIFT_MEV_PER_ATOM_PS:
+            failed.append(f"energy drift {drift:+.3g} meV/atom/ps beyond ±{MAX_DRIFT_MEV_PER_ATOM_PS:g}")
+    reason = "; ".join(failed)
     return MDResult(
         task=task,
         formula=atoms.get_chemical_formula(),
@@ -103,7 +126,9 @@ def run_nve(
         drift_mev_per_atom_per_ps=drift,
         max_deviation_mev_per_atom=float(np.abs(per_atom).max()) if len(per_atom) else None,
         min_distance_a=min(closest) if closest else None,
-        final_temperature_k=float(atoms.get_temperature()) if not reason else None,
+        closest_pair_floor_a=floor,
+        final_temperature_k=temperatures[-1] if temperatures else None,
+        max_temperature_k=max(temperatures) if temperatures else None,
         stable=not reason,
         reason=reason,
         seconds=time.perf_counter() - start,
@@ -132,6 +157,6 @@ def describe(record: dict[str, Any]) -> str:
     drift_text = "n/a" if drift is None else f"{drift:+.3g} meV/atom/ps"
     return (
         f"{head}: drift {drift_text}, max |ΔE| {record['max_deviation_mev_per_atom']:.3g} meV/atom, "
-        f"closest pair {record['min_distance_a']:.2f} Å, T_end {record['final_temperature_k']:.0f} K: "
-        f"stable ({record['seconds']:.1f} s)"
+        f"closest pair {record['min_distance_a']:.2f} Å (floor {record['closest_pair_floor_a']:.2f}), "
+        f"T_end {record['final_temperature_k']:.0f} K: stable ({record['seconds']:.1f} s)"
     )

@@ -235,6 +235,11 @@ class MatRIS(nn.Module):
             for z, energy in table.items():
                 self.reference_energy[row, int(z)] = float(energy)
 
+    def trained_elements(self, task: str) -> set[int]:
+        """Atomic numbers of ``task``'s training split: those with a reference energy (fitted on it)."""
+        row = self.reference_energy[self.config.tasks.index(task)]
+        return set(torch.nonzero(row).flatten().tolist())
+
     def geometry(
         self, batch: Batch, positions: torch.Tensor, strain: torch.Tensor
     ) -> tuple[Geometry, torch.Tensor]:

@@ -46,13 +46,15 @@ def parity_plot(parity: dict[str, dict[str, list[np.ndarray]]], path: Path, seed
 
 
 def training_curves(metrics_jsonl: Path, path: Path) -> Path | None:
-    """Loss (total and per task and label), learning rate and throughput against step, from the trainer's
-    ``metrics.jsonl``; None when the file is missing or empty."""
+    """Loss (total and per task and label), learning rate and throughput against step, and the validation
+    errors per task beside them, from the trainer's ``metrics.jsonl`` (its validation lines carry
+    ``"kind": "validation"``, `janus.metrics`); None when the file is missing or has no step."""
     metrics_jsonl = Path(metrics_jsonl)
     if not metrics_jsonl.is_file():
         return None
     rows = [json.loads(line) for line in metrics_jsonl.read_text().splitlines() if line.strip()]
-    rows = [r for r in rows if "step" in r]
+    validation = [r for r in rows if r.get("kind") == "validation"]
+    rows = [r for r in rows if "step" in r and r.get("kind") != "validation"]
     if not rows:
         return None
     steps = np.array([r["step"] for r in rows])
@@ -60,9 +62,9 @@ def training_curves(metrics_jsonl: Path, path: Path) -> Path | None:
     def series(key: str) -> np.ndarray:
         return np.array([r.get(key, np.nan) for r in rows], dtype=float)
 
-    figure = Figure(figsize=(10, 7), layout="constrained")
+    figure = Figure(figsize=(15, 7), layout="constrained")
     FigureCanvasAgg(figure)
-    (loss, parts), (lr, speed) = figure.subplots(2, 2)
+    (loss, parts, forces), (lr, speed, energies) = figure.subplots(2, 3)
     loss.semilogy(steps, series("loss"))
     loss.set_title("total loss")
     for key in sorted({k for r in rows for k in r if "/" in k}):
@@ -75,11 +77,34 @@ def training_curves(metrics_jsonl: Path, path: Path) -> Path | None:
     parts.set_title("per-task losses (steps whose batch held the task)")
     if parts.lines:
         parts.legend(fontsize=6)
+    _validation_curves(validation, forces, energies)
     lr.plot(steps, series("lr"))
     lr.set_title("learning rate")
     speed.plot(steps, series("atoms_per_s"))
     speed.set_title("throughput (atoms/s)")
-    for ax in (loss, parts, lr, speed):
+    for ax in (loss, parts, forces, lr, speed, energies):
         ax.set_xlabel("step")
     figure.savefig(path, dpi=110)
     return Path(path)
+
+
+def _validation_curves(records: list[dict], forces, energies) -> None:
+    """Held-out force MAE over the zero-force MAE (1 = no force learned) and energy MAE, per task; the
+    EMA's weights dashed."""
+    forces.set_title("validation: force MAE / zero-force MAE")
+    energies.set_title("validation: energy MAE (meV/atom)")
+    for kind, style in (("model", "-"), ("ema", "--")):
+        chosen = [r for r in records if r["weights"] == kind]
+        for task in sorted({t for r in chosen for t in r["tasks"]}):
+            own = [r for r in chosen if task in r["tasks"]]
+            steps = [r["step"] for r in own]
+            ratio = [r["tasks"][task]["force_mae_mev_per_a"] / r["tasks"][task]["force_zero_mae_mev_per_a"]
+                     for r in own]  # fmt: skip
+            label = task if kind == "model" else f"{task} (EMA)"
+            forces.plot(steps, ratio, style, marker="o", markersize=3, label=label)
+            energies.semilogy(steps, [r["tasks"][task]["energy_mae_mev_per_atom"] for r in own], style,
+                              marker="o", markersize=3, label=label)  # fmt: skip
+    if forces.lines:
+        forces.axhline(1.0, color="grey", linewidth=0.6)
+        forces.legend(fontsize=6)
+        energies.legend(fontsize=6)

@@ -16,12 +16,14 @@ import subprocess
 import sys
 import warnings
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import pytest
 import torch
 import torch.distributed.checkpoint as dcp
 from ase.build import bulk
+from ase.calculators.calculator import Calculator, all_changes
 from safetensors.torch import load_file, save_file
 
 import matris
@@ -308,3 +310,70 @@ def test_export_loads_in_a_process_with_only_matris(model_file, tmp_path):
     result = subprocess.run([sys.executable, "-c", check], cwd=tmp_path, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert "crystal-pbe" in result.stdout
+
+
+class _Pull(Calculator):
+    """Energy ½k·Σ|r_i - c|² toward the cell's centre: every atom falls slowly onto the others."""
+
+    implemented_properties: ClassVar[list[str]] = ["energy", "forces"]
+
+    def calculate(self, atoms=None, properties=("energy",), system_changes=all_changes):
+        super().calculate(atoms, properties, system_changes)
+        offset = self.atoms.positions - self.atoms.positions.mean(axis=0)
+        self.results = {"energy": 0.025 * float((offset**2).sum()), "forces": -0.05 * offset}
+
+
+class _Push(Calculator):
+    """A constant force and no energy: not conservative, so the total energy climbs."""
+
+    implemented_properties: ClassVar[list[str]] = ["energy", "forces"]
+
+    def calculate(self, atoms=None, properties=("energy",), system_changes=all_changes):
+        super().calculate(atoms, properties, system_changes)
+        forces = np.zeros((len(self.atoms), 3))
+        forces[::2, 0], forces[1::2, 0] = 0.05, -0.05
+        self.results = {"energy": 0.0, "forces": forces}
+
+
+def test_md_calls_a_collapsing_cell_unstable_and_names_the_bound():
+    """A Li cell whose atoms fall together keeps conserving energy; the closest-pair floor (a fraction of
+    the starting closest pair) catches it. A non-conservative surface fails the drift bound."""
+    from matris.md import CLOSEST_PAIR_FLOOR, MAX_DRIFT_MEV_PER_ATOM_PS, run_nve
+
+    cell = bulk("Li", "bcc", a=3.44, cubic=True).repeat((1, 1, 3))
+    collapsed = run_nve(cell, _Pull(), "crystal", steps=200)
+    assert not collapsed.stable and "closest pair" in collapsed.reason, collapsed
+    assert collapsed.closest_pair_floor_a == pytest.approx(CLOSEST_PAIR_FLOOR * 3.44 * 3**0.5 / 2, rel=1e-6)
+    assert collapsed.min_distance_a < collapsed.closest_pair_floor_a
+    drifting = run_nve(cell, _Push(), "crystal", steps=100)
+    assert not drifting.stable and "drift" in drifting.reason, drifting
+    assert abs(drifting.drift_mev_per_atom_per_ps) > MAX_DRIFT_MEV_PER_ATOM_PS
+
+
+def test_unseen_elements_are_counted_and_warned_about(data_dir, model_file):
+    """A held-out structure with an element its task never trained on: the calculator warns once, and
+    the evaluation counts it."""
+    from matris.calculator import UnseenElementWarning
+    from matris.evaluate import score
+
+    model = matris.load(model_file)
+    trained = model.trained_elements("crystal-pbe")
+    assert trained and 94 not in trained  # plutonium: in no training split
+    calc = MatRISCalculator(model, task="crystal-pbe")
+    atoms = bulk("Cu", "fcc", a=3.6).repeat(2)
+    atoms.numbers[0] = 94
+    with pytest.warns(UnseenElementWarning, match="Pu"):
+        calc.get_potential_energy(atoms)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UnseenElementWarning)  # once per element
+        atoms.positions[1] += 0.01
+        calc.get_potential_energy(atoms)
+    from data_prep.loader import GraphDataset
+
+    dataset = GraphDataset(data_dir, split="val")
+    graphs = {i: dataset[i] for i in range(len(dataset))}
+    first = next(i for i, g in graphs.items() if dataset.tasks[g.task] == "crystal-pbe")
+    graphs[first].atomic_numbers[0] = 94
+    tasks, _ = score(model, model_file, graphs, dataset.tasks, dataset.sizes, 2048)
+    assert tasks["crystal-pbe"]["n_unseen_elements"] >= 1
+    assert tasks["molecule-gfn2"]["force_zero_mae_mev_per_a"] > 0

@@ -206,6 +206,8 @@ def wait(futures: dict[str, list], records: dict[str, StageRecord], complete_bef
     for name in STAGES:
         record = records[name] if name in recorded else StageRecord()
         try:
+            if name == "train":
+                follow_validation(futures[name][0], paths.train / "metrics.jsonl")
             for future in futures[name]:
                 future.result()
         except Exception as err:  # a Parsl app failure: report it, stop waiting
@@ -225,6 +227,29 @@ def wait(futures: dict[str, list], records: dict[str, StageRecord], complete_bef
         else:
             record.status = "ran"
     return None
+
+
+def follow_validation(future, metrics_path: Path, poll_s: float = 2.0) -> None:
+    """Until ``future`` is done, print each validation line the trainer appends to ``metrics_path``."""
+    from janus.metrics import VALIDATION
+    from janus.validation import describe
+
+    offset = 0
+    while True:
+        done = future.done()
+        if metrics_path.is_file():
+            with metrics_path.open("rb") as handle:
+                handle.seek(offset)
+                text = handle.read()
+            complete = text[: text.rfind(b"\n") + 1]
+            offset += len(complete)
+            for line in complete.decode().splitlines():
+                record = json.loads(line) if line.startswith("{") else {}
+                if record.get("kind") == VALIDATION:
+                    print(describe([record]), flush=True)
+        if done:
+            return
+        time.sleep(poll_s)
 
 
 def _times(futures: list) -> tuple[float | None, float | None]:

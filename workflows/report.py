@@ -11,7 +11,8 @@ from rich.table import Table
 from matris.evaluate import COLUMNS, report_lines, table_rows
 
 # The console table keeps to 80 columns; metrics.json and `python -m matris.evaluate` have every metric.
-BRIEF = ("energy_mae_mev_per_atom", "force_mae_mev_per_a", "stress_mae_mev_per_a3")
+BRIEF = ("energy_mae_mev_per_atom", "force_mae_mev_per_a", "force_zero_mae_mev_per_a", "force_cosine",
+         "stress_mae_mev_per_a3", "n_unseen_elements")
 
 
 def print_stage_table(records: dict) -> None:

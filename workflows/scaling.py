@@ -15,7 +15,6 @@ regression: the command exits with status 3 and names the rung.
 
 from __future__ import annotations
 
-import json
 import statistics
 import time
 from dataclasses import dataclass
@@ -25,6 +24,8 @@ from typing import Literal
 import yaml
 from pydantic import Field, field_validator, model_validator
 
+from janus.metrics import read as read_metrics
+from janus.metrics import training_records
 from workflows import history
 from workflows.runconfig import LaunchConfig, RunConfig, Strict
 
@@ -122,6 +123,7 @@ def rung_janus_config(cfg: ScalingConfig, rung: Rung, data_dir: Path, out_dir: P
             "keep_checkpoints": 1,
             "max_atoms_per_batch": budget,
             "sleep_per_step_s": injected,
+            "eval_every": 0,  # rungs time steps; what the model learns is the pretraining run's concern
         }
     )
     dp = rung.ranks // (cfg.parallel.graph * cfg.parallel.expert)
@@ -222,7 +224,7 @@ def run(ctx) -> int:
 
 def measure(rung: Rung, metrics_path: Path, warmup: int) -> history.RungResult:
     """Timing of the steps after warm-up; throughput from atoms per step over the median step time."""
-    records = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
+    records = training_records(read_metrics(metrics_path))
     timed = [r for r in records if r["step"] > warmup]
     times = [r["step_time_s"] for r in timed]
     median = statistics.median(times)

@@ -1,0 +1,443 @@
+"""What a potential learns at equal wall-clock: this project's trainer against MACE, on the same frames.
+
+    python benchmarks/bench_accuracy.py [FILE ...] [--budget-s 600] [--preset tiny] [--mace-venv DIR]
+        [--single-task] [--no-mace] [--steps N] [--set train.lr=3e-3 ...] [--out DIR]
+
+Default input: the bundled sample. The frames are prepared once (`python -m data_prep`, the pipeline's
+deterministic train/val split); both models train on the train split and are scored on the val split.
+
+- Ours: `python -m janus.train`, the pipeline's trainer with the pipeline's defaults (`janus.config`), as
+  many steps as fit the budget: a short calibration run measures the step time first. Its validation
+  picks the exported weights (`matris.export`), as in the pipeline.
+- MACE: `mace_run_train` from `mace-torch` in its own venv (made at ``--mace-venv`` if missing: torch
+  2.13.0 CPU wheel, then mace-torch), 64x0e, r_max 6 Å, float32, E0s averaged, stress loss, with the
+  val split as its validation file (it keeps its best epoch on it, as ours keeps its best validation).
+  A one-epoch run measures its epoch time, then it trains for as many epochs as fit the budget. MACE has
+  no task input, so it runs only when the input holds one task.
+- ``--steps N`` trains ours for N steps instead of a budget, and ``--set KEY=VALUE`` changes its janus
+  config (`python -m janus.train --set`): with ``--no-mace``, one change of the recipe measured at a time.
+- ``--single-task`` (inputs of several tasks): ours again on each task alone, for as many of that task's
+  structures as the mixed run saw (the same epochs), to show negative transfer.
+
+Scores come from the two ASE calculators on the same frames with one piece of arithmetic: energy MAE
+(meV/atom), force MAE (meV/Å), the zero-force MAE beside it, force cosine, stress MAE (meV/Å³). Prints one
+table per task and the target lines, writes ``results.json`` and ``force_error_vs_time.png`` (held-out
+force MAE against training seconds, both models) under ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+from rich.console import Console
+from rich.table import Table
+
+ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_INPUTS = sorted((ROOT / "sample_data").glob("*.extxyz.gz"))
+CALIBRATION_STEPS = 25
+MACE_LOG_LINE = re.compile(r"^(\S+ \S+)\.\d+ INFO: Epoch (\d+): .*MAE_F=\s*([\d.]+) meV / A")
+
+
+# -- shared scoring ---------------------------------------------------------------------------------------
+
+
+def score_frames(frames: list, calculator_for) -> dict[str, dict[str, float]]:
+    """Per task: energy/force/stress MAE, zero-force MAE and force cosine of ``calculator_for(atoms)``."""
+    sums: dict[str, dict[str, float]] = {}
+    for atoms in frames:
+        task, n = atoms.info["task"], len(atoms)
+        ref_e, ref_f = atoms.get_potential_energy(), atoms.get_forces()
+        ref_s = atoms.calc.results.get("stress")
+        probe = atoms.copy()
+        probe.calc = calculator_for(atoms)
+        e, f = probe.get_potential_energy(), probe.get_forces()
+        s = sums.setdefault(task, dict.fromkeys(("n", "comp", "e", "f", "f0", "dot", "ff", "sn", "s"), 0.0))
+        s["n"] += 1
+        s["comp"] += 3 * n
+        s["e"] += abs(e - ref_e) / n
+        s["f"] += float(np.abs(f - ref_f).sum())
+        s["f0"] += float(np.abs(ref_f).sum())
+        cos = (f * ref_f).sum(-1) / (np.linalg.norm(f, axis=-1) * np.linalg.norm(ref_f, axis=-1) + 1e-12)
+        s["dot"] += float(cos.sum())
+        s["ff"] += n
+        if ref_s is not None and atoms.pbc.all():
+            s["sn"] += 1
+            s["s"] += float(np.abs(probe.get_stress() - ref_s).mean())
+    return {
+        task: {
+            "structures": int(s["n"]),
+            "energy_mae_mev_per_atom": 1000 * s["e"] / s["n"],
+            "force_mae_mev_per_a": 1000 * s["f"] / s["comp"],
+            "force_zero_mae_mev_per_a": 1000 * s["f0"] / s["comp"],
+            "force_cosine": s["dot"] / s["ff"],
+            "stress_mae_mev_per_a3": 1000 * s["s"] / s["sn"] if s["sn"] else None,
+        }
+        for task, s in sorted(sums.items())
+    }
+
+
+# -- ours -------------------------------------------------------------------------------------------------
+
+
+def prepare(inputs: list[Path], out: Path) -> Path:
+    if not (out / "manifest.json").is_file():
+        run([sys.executable, "-m", "data_prep", *map(str, inputs), "--out", str(out)])
+    return out
+
+
+def run(cmd: list[str], **kwargs) -> float:
+    """Run ``cmd`` from the project root; its wall seconds."""
+    tic = time.perf_counter()
+    done = subprocess.run(cmd, cwd=kwargs.pop("cwd", ROOT), capture_output=True, text=True, **kwargs)
+    if done.returncode:
+        raise RuntimeError(f"{' '.join(cmd[:4])} ... failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
+    return time.perf_counter() - tic
+
+
+def train_ours(
+    data: Path, out: Path, preset: str, steps: int, eval_every: int, overrides: tuple[str, ...] = ()
+) -> float:
+    out.mkdir(parents=True, exist_ok=True)
+    config = {
+        "model": {"preset": preset},
+        "train": {"steps": steps, "eval_every": eval_every},
+        "data_dir": str(data),
+        "out_dir": str(out / "train"),
+    }
+    (out / "janus.yaml").write_text(yaml.safe_dump(config))
+    shutil.rmtree(out / "train", ignore_errors=True)
+    sets = [arg for text in overrides for arg in ("--set", text)]
+    return run([sys.executable, "-m", "janus.train", "--config", str(out / "janus.yaml"), *sets])
+
+
+def steps_for_budget(
+    data: Path, out: Path, preset: str, budget_s: float, overrides: tuple[str, ...]
+) -> tuple[int, float]:
+    """Steps that fit ``budget_s``: a short run measures the median step and the start-up cost."""
+    wall = train_ours(data, out / "calibration", preset, CALIBRATION_STEPS, 0, overrides)
+    rows = read_jsonl(out / "calibration" / "train" / "metrics.jsonl")
+    step_s = statistics.median(r["step_time_s"] for r in rows[5:])
+    startup = max(0.0, wall - sum(r["step_time_s"] for r in rows))
+    return max(1, int(0.95 * (budget_s - startup) / step_s)), step_s
+
+
+def ours(
+    data: Path, out: Path, preset: str, budget_s: float, steps: int | None = None, overrides: tuple = ()
+) -> dict[str, Any]:
+    """Train (``steps``, or as many as fit ``budget_s``), export the best-validation weights, score."""
+    from data_prep import iter_atoms
+    from data_prep.loader import BatchPlan, GraphDataset
+    from janus.config import TrainConfig
+    from matris import MatRISCalculator
+    from matris.export import export_checkpoint
+
+    step_s = None
+    if steps is None:
+        steps, step_s = steps_for_budget(data, out, preset, budget_s, overrides)
+    eval_every = max(1, steps // 10)
+    seconds = train_ours(data, out, preset, steps, eval_every, overrides)
+    model = out / "model.safetensors"
+    provenance = export_checkpoint(out / "train" / "checkpoints", model, data_dir=data)
+    frames = list(iter_atoms(data, split="val"))
+    scores = score_frames(frames, lambda atoms: MatRISCalculator(model, task=atoms.info["task"]))
+    defaults = TrainConfig()
+    dataset = GraphDataset(data, split="train")
+    plan = BatchPlan(dataset.sizes, max_atoms=defaults.max_atoms_per_batch, max_edges=None, seed=0)
+    epochs = steps / len(plan.batches(0))
+    rows = read_jsonl(out / "train" / "metrics.jsonl")
+    return {
+        "steps": steps,
+        "calibrated_step_s": step_s,
+        "train_seconds": seconds,
+        "epochs": epochs,
+        "weights": provenance["weights"],
+        "tasks": scores,
+        "curve": curve_ours(rows),
+    }
+
+
+def curve_ours(rows: list[dict]) -> dict[str, list[tuple[float, float]]]:
+    """Per task (seconds of training so far, held-out force MAE) at each validation of the model weights."""
+    elapsed, out = 0.0, {}
+    for row in rows:
+        if row.get("kind") == "validation":
+            elapsed += row["seconds"]
+            if row["weights"] == "model":
+                for task, values in row["tasks"].items():
+                    out.setdefault(task, []).append((elapsed, values["force_mae_mev_per_a"]))
+        else:
+            elapsed += row["step_time_s"]
+    return out
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+# -- MACE -------------------------------------------------------------------------------------------------
+
+
+def mace_venv(path: Path) -> Path:
+    """The peer's venv (created when missing): never the project's own."""
+    python = path / "bin" / "python"
+    if not python.exists():
+        run([sys.executable, "-m", "venv", str(path)])
+        run([str(python), "-m", "pip", "install", "--quiet", "torch==2.13.0"])
+        run([str(python), "-m", "pip", "install", "--quiet", "mace-torch==0.3.16"])
+    return path
+
+
+def write_mace_frames(data: Path, split: str, path: Path) -> int:
+    """The split as extxyz with MACE's REF_ keys (stress as a 3×3 matrix)."""
+    import ase.io
+    from ase.stress import voigt_6_to_full_3x3_stress
+
+    from data_prep import iter_atoms
+
+    frames = []
+    for atoms in iter_atoms(data, split=split):
+        plain = atoms.copy()
+        plain.calc = None
+        plain.info = {"REF_energy": atoms.get_potential_energy(), "task": atoms.info["task"]}
+        plain.arrays["REF_forces"] = atoms.get_forces()
+        stress = atoms.calc.results.get("stress")
+        if stress is not None:
+            plain.info["REF_stress"] = voigt_6_to_full_3x3_stress(stress)
+        frames.append(plain)
+    ase.io.write(path, frames, format="extxyz")
+    return len(frames)
+
+
+def train_mace(venv: Path, work: Path, epochs: int) -> float:
+    shutil.rmtree(work / "run", ignore_errors=True)
+    (work / "run").mkdir(parents=True)
+    cmd = [
+        str(venv / "bin" / "mace_run_train"), "--name", "mace", "--train_file", str(work / "train.xyz"),
+        "--valid_file", str(work / "valid.xyz"), "--E0s", "average", "--model", "MACE",
+        "--hidden_irreps", "64x0e", "--r_max", "6.0", "--batch_size", "16", "--max_num_epochs", str(epochs),
+        "--device", "cpu", "--default_dtype", "float32", "--energy_key", "REF_energy",
+        "--forces_key", "REF_forces", "--stress_key", "REF_stress", "--loss", "stress",
+        "--stress_weight", "1.0", "--error_table", "PerAtomMAE", "--eval_interval", "1", "--seed", "1",
+    ]  # fmt: skip
+    env = {**os.environ, "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD": "1"}
+    return run(cmd, cwd=work / "run", env=env)
+
+
+def mace(data: Path, out: Path, venv: Path, budget_s: float) -> dict[str, Any]:
+    from data_prep import iter_atoms
+
+    out.mkdir(parents=True, exist_ok=True)
+    write_mace_frames(data, "train", out / "train.xyz")
+    write_mace_frames(data, "val", out / "valid.xyz")
+    epoch_s = train_mace(venv, out, 1)
+    epochs = max(1, math.floor(budget_s / epoch_s))
+    seconds = epoch_s if epochs == 1 else train_mace(venv, out, epochs)
+    model = out / "run" / "mace.model"
+    frames = list(iter_atoms(data, split="val"))
+    scores = mace_scores(venv, model, out, frames)
+    return {
+        "epochs": epochs,
+        "one_epoch_seconds": epoch_s,
+        "train_seconds": seconds,
+        "tasks": scores,
+        "curve": curve_mace(out / "run" / "logs", frames[0].info["task"]),
+    }
+
+
+def mace_scores(venv: Path, model: Path, out: Path, frames: list) -> dict[str, Any]:
+    """Score in MACE's venv (its calculator needs its packages): this file's ``score_frames`` run there."""
+    import ase.io
+
+    ase.io.write(out / "scored.xyz", [_labelled(a) for a in frames], format="extxyz")
+    script = (
+        "import json, sys, ase.io\n"
+        f"sys.path.insert(0, {str(Path(__file__).parent)!r})\n"
+        "from bench_accuracy import score_frames\n"
+        "from mace.calculators import MACECalculator\n"
+        f"calc = MACECalculator(model_paths={str(model)!r}, device='cpu', default_dtype='float32')\n"
+        f"frames = ase.io.read({str(out / 'scored.xyz')!r}, ':')\n"
+        "print(json.dumps(score_frames(frames, lambda atoms: calc)))\n"
+    )
+    env = {**os.environ, "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD": "1"}
+    done = subprocess.run(
+        [str(venv / "bin" / "python"), "-c", script], capture_output=True, text=True, env=env, check=True
+    )
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def _labelled(atoms):
+    """``atoms`` whose single-point calculator extxyz writes and reads back (labels, task)."""
+    copy = atoms.copy()
+    copy.calc = atoms.calc
+    return copy
+
+
+def curve_mace(log_dir: Path, task: str) -> dict[str, list[tuple[float, float]]]:
+    """(seconds since the first logged epoch line, validation force MAE) per epoch of MACE's log."""
+    points, start = [], None
+    for log in sorted(log_dir.glob("*.log")):
+        for line in log.read_text().splitlines():
+            match = MACE_LOG_LINE.match(line)
+            if match:
+                when = datetime.strptime(match.group(1), "%Y-%m-%d %H:%M:%S").timestamp()
+                start = when if start is None else start
+                points.append((when - start, float(match.group(3))))
+    return {task: points}
+
+
+# -- report -----------------------------------------------------------------------------------------------
+
+
+COLUMNS = [
+    ("energy MAE meV/atom", "energy_mae_mev_per_atom", ".1f"),
+    ("force MAE meV/Å", "force_mae_mev_per_a", ".1f"),
+    ("zero-force MAE meV/Å", "force_zero_mae_mev_per_a", ".1f"),
+    ("force cos", "force_cosine", ".3f"),
+    ("stress MAE meV/Å³", "stress_mae_mev_per_a3", ".2f"),
+]
+
+
+def report(results: dict[str, Any], console: Console) -> list[str]:
+    """One table per task; returns the target lines."""
+    runs = {name: r for name, r in results["runs"].items() if r}
+    for task in sorted({t for r in runs.values() for t in r["tasks"]}):
+        table = Table(title=f"{task}: held-out errors after {results['budget_s']:.0f} s budgets")
+        for column in ["model", *(c for c, _, _ in COLUMNS), "training s", "epochs"]:
+            table.add_column(column, justify="right" if column != "model" else "left")
+        for name, r in runs.items():
+            r = r.get(task) if name == "single-task" else r
+            values = r["tasks"].get(task) if r else None
+            if values is None:
+                continue
+            seconds, epochs = r["train_seconds"], r["epochs"]
+            cells = ["—" if values.get(k) is None else format(values[k], f) for _, k, f in COLUMNS]
+            table.add_row(name, *cells, f"{seconds:.0f}", f"{epochs:.2f}")
+        console.print(table)
+    return targets(runs)
+
+
+def targets(runs: dict[str, Any]) -> list[str]:
+    lines, ours_run = [], runs["ours"]
+    peer = runs.get("mace")
+    for task, values in ours_run["tasks"].items():
+        zero = values["force_mae_mev_per_a"] / values["force_zero_mae_mev_per_a"]
+        lines.append(f"{task}: force MAE {zero:.2f}x its zero-force baseline (target ≤ 0.5 in a mix)")
+        if peer and task in peer["tasks"]:
+            f = values["force_mae_mev_per_a"] / peer["tasks"][task]["force_mae_mev_per_a"]
+            e = values["energy_mae_mev_per_atom"] / peer["tasks"][task]["energy_mae_mev_per_atom"]
+            lines.append(
+                f"{task}: force MAE {f:.2f}x MACE's (target ≤ 0.6: {'met' if f <= 0.6 else 'missed'}), "
+                f"energy MAE {e:.2f}x MACE's (target ≤ 0.4: {'met' if e <= 0.4 else 'missed'})"
+            )
+        single = runs.get("single-task", {}).get(task)
+        if single:
+            ratio = values["force_mae_mev_per_a"] / single["tasks"][task]["force_mae_mev_per_a"]
+            lines.append(
+                f"{task}: force MAE {ratio:.2f}x the same model trained on it alone "
+                f"(target ≤ 1.2: {'met' if ratio <= 1.2 else 'missed'})"
+            )
+    return lines
+
+
+def plot(results: dict[str, Any], path: Path) -> None:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    runs = {name: r for name, r in results["runs"].items() if r and "curve" in r}
+    tasks = sorted({t for r in runs.values() for t in r["curve"]})
+    figure = Figure(figsize=(5 * len(tasks), 4), layout="constrained")
+    FigureCanvasAgg(figure)
+    axes = figure.subplots(1, len(tasks), squeeze=False)[0]
+    for ax, task in zip(axes, tasks, strict=True):
+        for name, r in runs.items():
+            points = r["curve"].get(task)
+            if points:
+                ax.plot(*zip(*points, strict=True), marker="o", markersize=3, label=name)
+        ax.set_title(f"{task}: held-out force MAE")
+        ax.set_xlabel("training seconds")
+        ax.set_ylabel("meV/Å")
+        ax.legend(fontsize=7)
+    figure.savefig(path, dpi=110)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("inputs", nargs="*", type=Path, default=DEFAULT_INPUTS)
+    parser.add_argument("--budget-s", type=float, default=600.0, help="training wall-clock per model")
+    parser.add_argument("--preset", default="tiny")
+    parser.add_argument("--mace-venv", type=Path, default=Path("/work/peers-venv"))
+    parser.add_argument("--no-mace", action="store_true")
+    parser.add_argument("--single-task", action="store_true", help="also train ours on each task alone")
+    parser.add_argument("--steps", type=int, help="train ours for this many steps (default: the budget's)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="janus config change")
+    parser.add_argument("--out", type=Path, default=ROOT / "runs" / "bench_accuracy")
+    args = parser.parse_args(argv)
+    missing = [str(p) for p in args.inputs if not p.is_file()]
+    if missing:
+        print(f"bench_accuracy: input file(s) not found: {', '.join(missing)}")
+        return 1
+    out = args.out
+    data = prepare(args.inputs, out / "data")
+    tasks = json.loads((data / "manifest.json").read_text())["tasks"]
+    results: dict[str, Any] = {
+        "inputs": [str(p) for p in args.inputs],
+        "budget_s": args.budget_s,
+        "preset": args.preset,
+        "load_average": os.getloadavg()[0],
+        "runs": {},
+    }
+    overrides = tuple(args.set)
+    results["overrides"] = list(overrides)
+    results["runs"]["ours"] = ours(data, out / "ours", args.preset, args.budget_s, args.steps, overrides)
+    if not args.no_mace and len(tasks) == 1:
+        venv = mace_venv(args.mace_venv)
+        results["runs"]["mace"] = mace(data, out / "mace", venv, args.budget_s)
+    if args.single_task and len(tasks) > 1:
+        mixed = results["runs"]["ours"]
+        results["runs"]["single-task"] = single_task(args.inputs, out, args.preset, mixed, overrides)
+    console = Console(width=200)
+    lines = report(results, console)
+    for line in lines:
+        console.print(line, highlight=False)
+    results["targets"] = lines
+    (out / "results.json").write_text(json.dumps(results, indent=1))
+    plot(results, out / "force_error_vs_time.png")
+    print(f"wrote {out / 'results.json'} and {out / 'force_error_vs_time.png'}")
+    return 0
+
+
+def single_task(
+    inputs: list[Path], out: Path, preset: str, mixed: dict[str, Any], overrides: tuple[str, ...]
+) -> dict[str, Any]:
+    """Ours on each input file alone (one task per file), for the mixed run's number of epochs."""
+    from data_prep.loader import BatchPlan, GraphDataset
+    from janus.config import TrainConfig
+
+    budget = TrainConfig().max_atoms_per_batch
+    runs = {}
+    for path in inputs:
+        data = prepare([path], out / "single" / path.name.split(".")[0] / "data")
+        (task,) = json.loads((data / "manifest.json").read_text())["tasks"]
+        dataset = GraphDataset(data, split="train")
+        per_epoch = len(BatchPlan(dataset.sizes, max_atoms=budget, max_edges=None, seed=0).batches(0))
+        steps = max(1, math.ceil(mixed["epochs"] * per_epoch))
+        runs[task] = ours(data, data.parent / "ours", preset, 0.0, steps, overrides)
+    return runs
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,145 @@
+"""Validation during training: per-task errors of the current (and EMA) weights on the held-out split.
+
+Every ``train.eval_every`` steps and after the last one, every rank contributes its shards of the weights
+to one full copy (a collective: FSDP and expert shards alike), and rank 0 scores a plain, unsharded copy
+of the model on the validation split with the evaluation's own metrics (`matris.evaluate.score`: energy,
+force and stress MAE, force cosine, the zero-force baseline). Each scored set of weights becomes one line
+of ``metrics.jsonl`` marked ``"kind": "validation"`` (`janus.metrics.VALIDATION`).
+
+One number ranks the weights: the mean over tasks of (force MAE / zero-force MAE + energy MAE / the energy
+MAE of the reference energies alone) / 2, so 1 is "learned nothing" for every task whatever its units and
+scale. The best weights seen so far, with the EMA's competing as equals when it is on, are written to
+``BEST_WEIGHTS_FILE`` beside the checkpoints; the export takes them (`matris.export`).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from data_prep.loader import GraphDataset
+from janus.metrics import VALIDATION
+from janus.parallel import full_tensor
+from matris import MatRIS, ModelConfig
+from matris.evaluate import score, select
+from matris.export import BEST_WEIGHTS_FILE
+from matris.io import metadata, save
+
+MAX_ATOMS = 2048  # per scored batch; validation runs without gradients of the parameters
+
+
+class Validator:
+    """Scores weights on the validation split of ``data_dir`` (rank 0) and keeps the best."""
+
+    def __init__(
+        self, data_dir: Path, out_dir: Path, model_cfg: ModelConfig, dtype: torch.dtype, is_main: bool,
+        max_per_task: int, resumed: bool,
+    ):  # fmt: skip
+        self.is_main, self.dtype, self.model_cfg = is_main, dtype, model_cfg
+        self.best_path = Path(out_dir) / BEST_WEIGHTS_FILE
+        self.best_score = float("inf")
+        if not is_main:
+            return
+        if not resumed:
+            self.best_path.unlink(missing_ok=True)  # another run's weights: this one starts afresh
+        elif self.best_path.is_file():
+            self.best_score = float(metadata(self.best_path).get("val_score", float("inf")))
+        dataset = GraphDataset(data_dir, split="val")
+        tasks = np.array([dataset[i].task for i in range(len(dataset))], dtype=np.int64)
+        chosen = select(tasks, len(dataset.tasks), max_per_task)
+        self.graphs = {i: dataset[i] for i in chosen}
+        self.tasks, self.sizes = dataset.tasks, dataset.sizes
+        self.plain: MatRIS | None = None
+        self.energy_baseline: dict[str, float] = {}
+
+    @property
+    def empty(self) -> bool:
+        return self.is_main and not self.graphs
+
+    def run(self, model: nn.Module, step: int, ema: dict[str, torch.Tensor] | None = None) -> list[dict]:
+        """Collective: every rank calls it. Rank 0 returns one record per scored set of weights."""
+        weights = {"model": _full_state(model.state_dict())}
+        if ema is not None:
+            weights["ema"] = {**weights["model"], **_full_state(ema)}
+        if not self.is_main or not self.graphs:
+            return []
+        records = [self._score(state, kind, step) for kind, state in weights.items()]
+        best = min(records, key=lambda r: r["score"])
+        if best["score"] < self.best_score:
+            self.best_score = best["score"]
+            best["best"] = True
+            self._keep(weights[best["weights"]], best)
+        return records
+
+    def _score(self, state: dict[str, torch.Tensor], kind: str, step: int) -> dict[str, Any]:
+        tic = time.perf_counter()
+        if self.plain is None:
+            self.plain = MatRIS(self.model_cfg).to(self.dtype)
+        self.plain.load_state_dict(state)
+        self.plain.eval()
+        if not self.energy_baseline:
+            self.energy_baseline = _reference_only_energy_mae(self.plain, self.graphs, self.tasks)
+        label = Path(f"<{kind} weights>")
+        tasks, _ = score(self.plain, label, self.graphs, self.tasks, self.sizes, MAX_ATOMS)
+        parts = []
+        for task, values in tasks.items():
+            force = values["force_mae_mev_per_a"] / max(values["force_zero_mae_mev_per_a"], 1e-9)
+            energy = values["energy_mae_mev_per_atom"] / max(self.energy_baseline[task], 1e-9)
+            parts.append((force + energy) / 2)
+        return {
+            "step": step,
+            "kind": VALIDATION,
+            "weights": kind,
+            "score": float(np.mean(parts)),
+            "best": False,
+            "tasks": tasks,
+            "seconds": time.perf_counter() - tic,
+        }
+
+    def _keep(self, state: dict[str, torch.Tensor], record: dict[str, Any]) -> None:
+        assert self.plain is not None
+        self.plain.load_state_dict(state)
+        tmp = self.best_path.with_name(self.best_path.name + ".tmp")
+        info = {"step": record["step"], "weights": record["weights"], "val_score": record["score"]}
+        save(self.plain, tmp, metadata=info)
+        os.replace(tmp, self.best_path)
+
+
+def _full_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Unsharded CPU copies (every rank must call this: gathering a DTensor is a collective)."""
+    return {name: full_tensor(value).detach().cpu() for name, value in state.items()}
+
+
+def _reference_only_energy_mae(model: MatRIS, graphs: dict, tasks: list[str]) -> dict[str, float]:
+    """Per task, the energy MAE (meV/atom) of the per-element reference energies alone."""
+    table = model.reference_energy.detach().double().cpu().numpy()
+    errors: dict[str, list[float]] = {}
+    for graph in graphs.values():
+        task = tasks[graph.task]
+        guess = table[model.config.tasks.index(task), graph.atomic_numbers].sum()
+        errors.setdefault(task, []).append(1000 * abs(graph.energy - guess) / graph.n_atoms)
+    return {task: float(np.mean(values)) for task, values in errors.items()}
+
+
+def describe(records: list[dict[str, Any]]) -> str:
+    """One console line per validation: per task force MAE against its zero-force baseline, cosine and
+    energy MAE."""
+    lines = []
+    for record in records:
+        tasks = "; ".join(
+            f"{task} F {v['force_mae_mev_per_a']:.0f}/{v['force_zero_mae_mev_per_a']:.0f} meV/Å "
+            f"cos {v['force_cosine']:.2f} E {v['energy_mae_mev_per_atom']:.0f} meV/atom"
+            for task, v in record["tasks"].items()
+        )
+        mark = " (best)" if record["best"] else ""
+        lines.append(
+            f"janus: validation at step {record['step']} ({record['weights']} weights): {tasks}; "
+            f"score {record['score']:.3f}{mark}"
+        )
+    return "\n".join(lines)

@@ -47,9 +47,9 @@ class ParallelConfig(Strict):
 
 
 class TrainConfig(Strict):
-    steps: int = Field(200, ge=1)
+    steps: int = Field(700, ge=1)
     seed: int = 0
-    lr: float = Field(2e-3, gt=0, description="peak learning rate at the reference batch size")
+    lr: float = Field(4e-3, gt=0, description="peak learning rate at the reference batch size")
     lr_reference_atoms: int = Field(
         512, ge=1, description="learning rate scales with sqrt(max_atoms_per_batch / this)"
     )
@@ -57,7 +57,7 @@ class TrainConfig(Strict):
     min_lr_ratio: float = Field(0.05, ge=0, le=1)
     weight_decay: float = Field(1e-3, ge=0)
     grad_clip: float = Field(10.0, gt=0)
-    ema_decay: float | None = Field(None, gt=0, lt=1)
+    ema_decay: float | None = Field(None, gt=0, lt=1, description="EMA of the weights (null: none)")
     max_atoms_per_batch: int = Field(512, ge=1, description="global batch budget, split over ranks")
     max_edges_per_batch: int | None = Field(None, ge=1)
     max_triplets_per_batch: int | None = Field(

@@ -355,7 +355,7 @@ def train(cfg: JanusConfig, env: launch.DistEnv) -> None:
     validator = None
     if every:
         validator = Validator(
-            cfg.data_dir, cfg.out_dir, trainer.model_cfg, trainer.dtype, env.is_main,
+            cfg.data_dir, cfg.out_dir, trainer.model_cfg, cfg.loss, trainer.dtype, env.is_main,
             cfg.train.eval_max_structures, resumed=start > 0,
         )  # fmt: skip
     for step in range(start, cfg.train.steps):

@@ -6,10 +6,12 @@ of the model on the validation split with the evaluation's own metrics (`matris.
 force and stress MAE, force cosine, the zero-force baseline). Each scored set of weights becomes one line
 of ``metrics.jsonl`` marked ``"kind": "validation"`` (`janus.metrics.VALIDATION`).
 
-One number ranks the weights: the mean over tasks of (force MAE / zero-force MAE + energy MAE / the energy
-MAE of the reference energies alone) / 2, so 1 is "learned nothing" for every task whatever its units and
-scale. The best weights seen so far, with the EMA's competing as equals when it is on, are written to
-``BEST_WEIGHTS_FILE`` beside the checkpoints; the export takes them (`matris.export`).
+One number ranks the weights, the training objective's weighting of the held-out errors: the mean over
+tasks of ``loss.energy`` × energy MAE (eV/atom) + ``loss.force`` × force MAE (eV/Å). Not a ratio to each
+task's "learned nothing" errors: EMT alloy energies lie 6 meV/atom from their reference energies, and such
+a ratio would rank weights by one alloy cell's energy. The best weights seen so far, with the EMA's
+competing as equals when it is on, are written to ``BEST_WEIGHTS_FILE`` beside the checkpoints; the
+export takes them (`matris.export`).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from data_prep.loader import GraphDataset
 from janus.metrics import VALIDATION
 from janus.parallel import full_tensor
 from matris import MatRIS, ModelConfig
+from matris.config import LossConfig
 from matris.evaluate import score, select
 from matris.export import BEST_WEIGHTS_FILE
 from matris.io import metadata, save
@@ -38,10 +41,10 @@ class Validator:
     """Scores weights on the validation split of ``data_dir`` (rank 0) and keeps the best."""
 
     def __init__(
-        self, data_dir: Path, out_dir: Path, model_cfg: ModelConfig, dtype: torch.dtype, is_main: bool,
-        max_per_task: int, resumed: bool,
+        self, data_dir: Path, out_dir: Path, model_cfg: ModelConfig, loss: LossConfig, dtype: torch.dtype,
+        is_main: bool, max_per_task: int, resumed: bool,
     ):  # fmt: skip
-        self.is_main, self.dtype, self.model_cfg = is_main, dtype, model_cfg
+        self.is_main, self.dtype, self.model_cfg, self.loss = is_main, dtype, model_cfg, loss
         self.best_path = Path(out_dir) / BEST_WEIGHTS_FILE
         self.best_score = float("inf")
         if not is_main:
@@ -56,7 +59,6 @@ class Validator:
         self.graphs = {i: dataset[i] for i in chosen}
         self.tasks, self.sizes = dataset.tasks, dataset.sizes
         self.plain: MatRIS | None = None
-        self.energy_baseline: dict[str, float] = {}
 
     @property
     def empty(self) -> bool:
@@ -83,15 +85,11 @@ class Validator:
             self.plain = MatRIS(self.model_cfg).to(self.dtype)
         self.plain.load_state_dict(state)
         self.plain.eval()
-        if not self.energy_baseline:
-            self.energy_baseline = _reference_only_energy_mae(self.plain, self.graphs, self.tasks)
         label = Path(f"<{kind} weights>")
         tasks, _ = score(self.plain, label, self.graphs, self.tasks, self.sizes, MAX_ATOMS)
-        parts = []
-        for task, values in tasks.items():
-            force = values["force_mae_mev_per_a"] / max(values["force_zero_mae_mev_per_a"], 1e-9)
-            energy = values["energy_mae_mev_per_atom"] / max(self.energy_baseline[task], 1e-9)
-            parts.append((force + energy) / 2)
+        energy, force = self.loss.energy / 1000, self.loss.force / 1000  # meV → eV
+        parts = [energy * v["energy_mae_mev_per_atom"] + force * v["force_mae_mev_per_a"]
+                 for v in tasks.values()]  # fmt: skip
         return {
             "step": step,
             "kind": VALIDATION,
@@ -114,17 +112,6 @@ class Validator:
 def _full_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Unsharded CPU copies (every rank must call this: gathering a DTensor is a collective)."""
     return {name: full_tensor(value).detach().cpu() for name, value in state.items()}
-
-
-def _reference_only_energy_mae(model: MatRIS, graphs: dict, tasks: list[str]) -> dict[str, float]:
-    """Per task, the energy MAE (meV/atom) of the per-element reference energies alone."""
-    table = model.reference_energy.detach().double().cpu().numpy()
-    errors: dict[str, list[float]] = {}
-    for graph in graphs.values():
-        task = tasks[graph.task]
-        guess = table[model.config.tasks.index(task), graph.atomic_numbers].sum()
-        errors.setdefault(task, []).append(1000 * abs(graph.energy - guess) / graph.n_atoms)
-    return {task: float(np.mean(values)) for task, values in errors.items()}
 
 
 def describe(records: list[dict[str, Any]]) -> str:

@@ -114,9 +114,9 @@ def _chosen_weights(checkpoint: Path, final_step: int) -> tuple[MatRIS, dict[str
         info = metadata(best)
         if info.get("step", final_step + 1) <= final_step:
             why = (
-                f"lowest validation score ({info['val_score']:.4f}: mean over tasks of force MAE over the "
-                f"zero-force MAE and energy MAE over the reference energies' MAE) of the "
-                f"{info['weights']} weights at step {info['step']}"
+                f"lowest validation score ({info['val_score']:.4f}: the loss weights times the held-out "
+                f"energy and force MAE, mean over tasks) of the {info['weights']} weights at step "
+                f"{info['step']}"
             )
             return load(best), {"step": info["step"], "kind": info["weights"], "why": why}
     why = "final checkpoint (no validation record)"

@@ -22,6 +22,19 @@ SMALL_RUN = [
 ]  # fmt: skip
 
 
+def read_frames(path: Path, index: str = ":") -> list:
+    """``ase.io.read`` of an extxyz file, decompressed in memory first: ASE seeks in a gzip stream to
+    index its frames, which reads the 2,000-crystal sample file in 55 s instead of 2."""
+    import gzip
+    import io
+
+    import ase.io
+
+    data = Path(path).read_bytes()
+    text = gzip.decompress(data).decode() if data[:2] == b"\x1f\x8b" else data.decode()
+    return ase.io.read(io.StringIO(text), index, format="extxyz")
+
+
 def parsl_run(*args: str, cwd: Path = ROOT, timeout: float = 600, **popen) -> subprocess.CompletedProcess:
     """Run the installed ``parsl-run`` console script (the command users type), by its path and with its
     venv off ``PATH``, as from an unactivated venv or cron."""

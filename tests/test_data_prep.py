@@ -43,6 +43,7 @@ from data_prep.readers import extxyz as extxyz_reader
 from matris.batch import collate
 from matris.graph import neighbor_graph
 from matris.model import line_graph
+from tests.conftest import read_frames
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = ROOT / "sample_data"
@@ -78,7 +79,7 @@ def assert_same_labels(stored: Atoms, original: Atoms, stress: np.ndarray | None
 def test_sample_round_trip(sample_dir):
     manifest = json.loads((sample_dir / "manifest.json").read_text())
     stored = by_record(sample_dir)
-    originals = {(p.name, i): a for p in SAMPLE_FILES for i, a in enumerate(ase.io.read(p, ":"))}
+    originals = {(p.name, i): a for p in SAMPLE_FILES for i, a in enumerate(read_frames(p))}
     assert manifest["n_rejected"] == 0
     assert manifest["n_structures"] == len(originals) == len(stored) == 4104
     assert manifest["tasks"] == ["alloy-emt", "crystal-pbe", "crystal-r2scan", "molecule-gfn2"]
@@ -202,7 +203,7 @@ def test_aselmdb_round_trip(tmp_path):
 def test_mptrj_round_trip(tmp_path):
     from pymatgen.io.ase import AseAtomsAdaptor
 
-    frames = [a for a in ase.io.read(SAMPLE / "crystals_pbe.extxyz.gz", ":12")]
+    frames = read_frames(SAMPLE / "crystals_pbe.extxyz.gz", ":12")
     data: dict = {}
     for k, atoms in enumerate(frames):
         stress_kbar_vasp = -atoms.info["REF_stress"].reshape(3, 3) / (0.1 * units.GPa)
@@ -308,7 +309,7 @@ def test_extxyz_reader_gives_ases_atoms(tmp_path):
     path = tmp_path / "edge.extxyz"
     path.write_text(EDGE_FRAMES)
     for source in [*SAMPLE_FILES, path]:
-        expected = ase.io.read(source, ":")
+        expected = read_frames(source)
         got = [atoms for _, atoms in read_records(source)]
         assert len(got) == len(expected)
         for mine, theirs in zip(got, expected, strict=True):

@@ -10,9 +10,9 @@ from rich.table import Table
 
 from matris.evaluate import COLUMNS, report_lines, table_rows
 
-# The console table keeps to 80 columns; metrics.json and `python -m matris.evaluate` have every metric.
+# The console table keeps to 100 columns; metrics.json and `python -m matris.evaluate` have every metric.
 BRIEF = ("energy_mae_mev_per_atom", "force_mae_mev_per_a", "force_zero_mae_mev_per_a", "force_cosine",
-         "stress_mae_mev_per_a3", "n_unseen_elements")
+         "n_unseen_elements")
 
 
 def print_stage_table(records: dict) -> None:
@@ -40,7 +40,7 @@ def print_eval_table(metrics_path: Path) -> None:
         table.add_column(column, justify="right")
     for row in rows:
         table.add_row(*row)
-    Console().print(table)
+    Console(width=max(Console().width, 100)).print(table)
 
 
 def print_evaluation(metrics_path: Path) -> None:

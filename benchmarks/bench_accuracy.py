@@ -41,8 +41,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import yaml
+from _accuracy_scoring import score_frames
 from rich.console import Console
 from rich.table import Table
 
@@ -50,44 +50,6 @@ ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_INPUTS = sorted((ROOT / "sample_data").glob("*.extxyz.gz"))
 CALIBRATION_STEPS = 25
 MACE_LOG_LINE = re.compile(r"^(\S+ \S+)\.\d+ INFO: Epoch (\d+): .*MAE_F=\s*([\d.]+) meV / A")
-
-
-# -- shared scoring ---------------------------------------------------------------------------------------
-
-
-def score_frames(frames: list, calculator_for) -> dict[str, dict[str, float]]:
-    """Per task: energy/force/stress MAE, zero-force MAE and force cosine of ``calculator_for(atoms)``."""
-    sums: dict[str, dict[str, float]] = {}
-    for atoms in frames:
-        task, n = atoms.info["task"], len(atoms)
-        ref_e, ref_f = atoms.get_potential_energy(), atoms.get_forces()
-        ref_s = atoms.calc.results.get("stress")
-        probe = atoms.copy()
-        probe.calc = calculator_for(atoms)
-        e, f = probe.get_potential_energy(), probe.get_forces()
-        s = sums.setdefault(task, dict.fromkeys(("n", "comp", "e", "f", "f0", "dot", "ff", "sn", "s"), 0.0))
-        s["n"] += 1
-        s["comp"] += 3 * n
-        s["e"] += abs(e - ref_e) / n
-        s["f"] += float(np.abs(f - ref_f).sum())
-        s["f0"] += float(np.abs(ref_f).sum())
-        cos = (f * ref_f).sum(-1) / (np.linalg.norm(f, axis=-1) * np.linalg.norm(ref_f, axis=-1) + 1e-12)
-        s["dot"] += float(cos.sum())
-        s["ff"] += n
-        if ref_s is not None and atoms.pbc.all():
-            s["sn"] += 1
-            s["s"] += float(np.abs(probe.get_stress() - ref_s).mean())
-    return {
-        task: {
-            "structures": int(s["n"]),
-            "energy_mae_mev_per_atom": 1000 * s["e"] / s["n"],
-            "force_mae_mev_per_a": 1000 * s["f"] / s["comp"],
-            "force_zero_mae_mev_per_a": 1000 * s["f0"] / s["comp"],
-            "force_cosine": s["dot"] / s["ff"],
-            "stress_mae_mev_per_a3": 1000 * s["s"] / s["sn"] if s["sn"] else None,
-        }
-        for task, s in sorted(sums.items())
-    }
 
 
 # -- ours -------------------------------------------------------------------------------------------------
@@ -114,7 +76,7 @@ def train_ours(
     out.mkdir(parents=True, exist_ok=True)
     config = {
         "model": {"preset": preset},
-        "train": {"steps": steps, "eval_every": eval_every},
+        "train": {"steps": steps, "eval_every": eval_every, "warmup_steps": min(10, steps // 10)},
         "data_dir": str(data),
         "out_dir": str(out / "train"),
     }
@@ -266,7 +228,7 @@ def mace_scores(venv: Path, model: Path, out: Path, frames: list) -> dict[str, A
     script = (
         "import json, sys, ase.io\n"
         f"sys.path.insert(0, {str(Path(__file__).parent)!r})\n"
-        "from bench_accuracy import score_frames\n"
+        "from _accuracy_scoring import score_frames\n"
         "from mace.calculators import MACECalculator\n"
         f"calc = MACECalculator(model_paths={str(model)!r}, device='cpu', default_dtype='float32')\n"
         f"frames = ase.io.read({str(out / 'scored.xyz')!r}, ':')\n"
@@ -302,13 +264,14 @@ def curve_mace(log_dir: Path, task: str) -> dict[str, list[tuple[float, float]]]
 # -- report -----------------------------------------------------------------------------------------------
 
 
-COLUMNS = [
-    ("energy MAE meV/atom", "energy_mae_mev_per_atom", ".1f"),
-    ("force MAE meV/Å", "force_mae_mev_per_a", ".1f"),
-    ("zero-force MAE meV/Å", "force_zero_mae_mev_per_a", ".1f"),
-    ("force cos", "force_cosine", ".3f"),
-    ("stress MAE meV/Å³", "stress_mae_mev_per_a3", ".2f"),
-]
+SCORED = ("energy_mae_mev_per_atom", "force_mae_mev_per_a", "force_zero_mae_mev_per_a", "force_cosine",
+          "stress_mae_mev_per_a3")  # what `score_frames` reports, in the evaluation's columns
+
+
+def columns() -> list[tuple[str, str, str]]:
+    from matris.evaluate import COLUMNS
+
+    return [column for column in COLUMNS if column[1] in SCORED]
 
 
 def report(results: dict[str, Any], console: Console) -> list[str]:
@@ -316,7 +279,7 @@ def report(results: dict[str, Any], console: Console) -> list[str]:
     runs = {name: r for name, r in results["runs"].items() if r}
     for task in sorted({t for r in runs.values() for t in r["tasks"]}):
         table = Table(title=f"{task}: held-out errors after {results['budget_s']:.0f} s budgets")
-        for column in ["model", *(c for c, _, _ in COLUMNS), "training s", "epochs"]:
+        for column in ["model", *(c for c, _, _ in columns()), "training s", "epochs"]:
             table.add_column(column, justify="right" if column != "model" else "left")
         for name, r in runs.items():
             r = r.get(task) if name == "single-task" else r
@@ -324,7 +287,7 @@ def report(results: dict[str, Any], console: Console) -> list[str]:
             if values is None:
                 continue
             seconds, epochs = r["train_seconds"], r["epochs"]
-            cells = ["—" if values.get(k) is None else format(values[k], f) for _, k, f in COLUMNS]
+            cells = ["—" if values.get(k) is None else format(values[k], f) for _, k, f in columns()]
             table.add_row(name, *cells, f"{seconds:.0f}", f"{epochs:.2f}")
         console.print(table)
     return targets(runs)

@@ -47,7 +47,7 @@ class ParallelConfig(Strict):
 
 
 class TrainConfig(Strict):
-    steps: int = Field(700, ge=1)
+    steps: int = Field(600, ge=1)
     seed: int = 0
     lr: float = Field(4e-3, gt=0, description="peak learning rate at the reference batch size")
     lr_reference_atoms: int = Field(
@@ -67,7 +67,7 @@ class TrainConfig(Strict):
     eval_every: int = Field(
         100, ge=0, description="validate on the held-out split every N steps and after the last (0: never)"
     )
-    eval_max_structures: int = Field(100, ge=1, description="held-out structures per task scored each time")
+    eval_max_structures: int = Field(50, ge=1, description="held-out structures per task scored each time")
     keep_checkpoints: int = Field(2, ge=1)
     dtype: Literal["float32", "float64"] = "float32"
     sleep_per_step_s: float = Field(0.0, ge=0, description="injected delay (scaling-regression tests)")

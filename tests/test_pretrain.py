@@ -12,16 +12,15 @@ from pathlib import Path
 
 import pytest
 
+from janus.metrics import read, training_records
 from tests.conftest import ROOT, SMALL_RUN, parsl_run
 
 pytestmark = pytest.mark.slow
 
 
 def metrics_steps(run_dir: Path) -> list[int]:
-    path = run_dir / "train" / "metrics.jsonl"
-    if not path.exists():
-        return []
-    return [json.loads(line)["step"] for line in path.read_text().splitlines() if line.strip()]
+    """Steps of the training lines (validation lines left out)."""
+    return [r["step"] for r in training_records(read(run_dir / "train" / "metrics.jsonl"))]
 
 
 def shard_mtimes(run_dir: Path) -> dict[str, int]:

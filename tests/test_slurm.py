@@ -8,7 +8,6 @@ start``), except under ``CI=true``, where that is a failure.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import signal
@@ -19,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from janus.metrics import read, training_records
 from tests.conftest import ROOT, SMALL_RUN, parsl_run
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
@@ -85,10 +85,8 @@ def hostnames(nodelist: str) -> list[str]:
 
 
 def metrics_steps(run_dir: Path) -> list[int]:
-    path = run_dir / "train" / "metrics.jsonl"
-    if not path.exists():
-        return []
-    return [json.loads(line)["step"] for line in path.read_text().splitlines() if line.strip()]
+    """Steps of the training lines (validation lines left out)."""
+    return [r["step"] for r in training_records(read(run_dir / "train" / "metrics.jsonl"))]
 
 
 def test_pretrain_trains_on_two_slurm_nodes(slurm_cluster: None, tmp_path: Path):
@@ -100,9 +98,9 @@ def test_pretrain_trains_on_two_slurm_nodes(slurm_cluster: None, tmp_path: Path)
     assert result.returncode == 0, result.stdout + result.stderr
     assert (run_dir / "eval" / "metrics.json").is_file()
     assert metrics_steps(run_dir) == list(range(1, 7))
-    lines = (run_dir / "train" / "metrics.jsonl").read_text().splitlines()
+    lines = training_records(read(run_dir / "train" / "metrics.jsonl"))
     # the site's environment reached the srun-launched ranks: one OpenMP thread each on shared cores
-    assert {json.loads(line)["torch_threads"] for line in lines} == {1}
+    assert {line["torch_threads"] for line in lines} == {1}
 
     rows = block_steps(run_dir, "train")
     job, steps = rows[0], rows[1:]

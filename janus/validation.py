@@ -60,10 +60,6 @@ class Validator:
         self.tasks, self.sizes = dataset.tasks, dataset.sizes
         self.plain: MatRIS | None = None
 
-    @property
-    def empty(self) -> bool:
-        return self.is_main and not self.graphs
-
     def run(self, model: nn.Module, step: int, ema: dict[str, torch.Tensor] | None = None) -> list[dict]:
         """Collective: every rank calls it. Rank 0 returns one record per scored set of weights."""
         weights = {"model": _full_state(model.state_dict())}

@@ -353,7 +353,7 @@ def main(argv: list[str] | None = None) -> int:
     if missing:
         print(f"bench_accuracy: input file(s) not found: {', '.join(missing)}")
         return 1
-    out = args.out
+    out = args.out.resolve()  # MACE runs in its own working directory
     data = prepare(args.inputs, out / "data")
     tasks = json.loads((data / "manifest.json").read_text())["tasks"]
     results: dict[str, Any] = {

@@ -49,37 +49,44 @@ def force_scores(model, graphs, tasks: list[str]) -> dict[str, tuple[float, floa
     return out
 
 
-def test_trainer_overfits_a_handful_of_crystals_and_molecules(tmp_path, monkeypatch):
+def overfit(folder: Path, loss: dict | None = None) -> tuple[dict, dict]:
+    """Per-task `force_scores` of the handful before and after ``STEPS`` steps of the pipeline's trainer
+    (default recipe, or ``loss`` weights), plain ops. ``python -m tests.test_learning`` prints them for the
+    default weights and the paper's 5:5."""
     import torch.distributed as dist
 
     from janus.parallel import full_tensor
     from janus.train import Trainer
     from matris import MatRIS, fused
 
-    data = prepare([handful(tmp_path)], tmp_path / "data")
+    data = prepare([handful(folder)], folder / "data")
     cfg = JanusConfig.model_validate({
         "model": {"preset": "tiny"},
+        "loss": loss or {},
         "train": {"steps": STEPS, "max_atoms_per_batch": 512, "eval_every": 0},
         "data_dir": str(data),
-        "out_dir": str(tmp_path / "train"),
+        "out_dir": str(folder / "train"),
     })  # fmt: skip
-    monkeypatch.setattr(fused._Compiled, "enabled", False)  # plain ops: no compile time in this test
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    compiling, fused._Compiled.enabled = fused._Compiled.enabled, False  # plain ops: no compile time
+    dist.init_process_group("gloo", init_method=f"file://{folder / 'store'}", rank=0, world_size=1)
     try:
         trainer = Trainer(cfg, launch.DistEnv(0, 1, 0, "127.0.0.1", 0, "test"))
         assert len(trainer.plan.batches(0)) == 1, "all twelve structures in every step"
         graphs = [trainer.dataset[i] for i in range(len(trainer.dataset))]
-        plain = MatRIS(trainer.model_cfg)
-        before = None
+        plain, tasks = MatRIS(trainer.model_cfg), trainer.model_cfg.tasks
+        plain.load_state_dict({k: full_tensor(v) for k, v in trainer.model.state_dict().items()})
+        before = force_scores(plain, graphs, tasks)
         for step in range(STEPS):
-            if step == 0:
-                plain.load_state_dict({k: full_tensor(v) for k, v in trainer.model.state_dict().items()})
-                before = force_scores(plain, graphs, trainer.model_cfg.tasks)
             trainer.step(step)
         plain.load_state_dict({k: full_tensor(v) for k, v in trainer.model.state_dict().items()})
     finally:
         dist.destroy_process_group()
-    after = force_scores(plain, graphs, trainer.model_cfg.tasks)
+        fused._Compiled.enabled = compiling
+    return before, force_scores(plain, graphs, tasks)
+
+
+def test_trainer_overfits_a_handful_of_crystals_and_molecules(tmp_path):
+    before, after = overfit(tmp_path)
     assert set(after) == {"crystal-pbe", "molecule-gfn2"}
     for task, (cosine, relative) in after.items():
         assert before[task][1] == pytest.approx(1.0, abs=0.05), "an untrained model predicts ~no force"
@@ -140,3 +147,12 @@ def test_validation_during_training_picks_the_exported_weights(tmp_path):
     assert info["weights"]["step"] == best["step"] and info["weights"]["kind"] == best["weights"]
     assert "lowest validation score" in info["weights"]["why"]
     assert training_curves(tmp_path / "train" / "metrics.jsonl", tmp_path / "training.png") is not None
+
+
+if __name__ == "__main__":
+    import tempfile
+
+    for name, weights in (("default", None), ("paper 5:5", {"energy": 5.0, "force": 5.0})):
+        with tempfile.TemporaryDirectory() as folder:
+            _, scores = overfit(Path(folder), weights)
+        print(name, {t: f"cos {c:.3f} force MAE / zero-force {r:.3f}" for t, (c, r) in scores.items()})

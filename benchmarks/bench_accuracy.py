@@ -6,13 +6,15 @@
 Default input: the bundled sample. The frames are prepared once (`python -m data_prep`, the pipeline's
 deterministic train/val split); both models train on the train split and are scored on the val split.
 
-- Ours: `python -m janus.train`, the pipeline's trainer with the pipeline's defaults (`janus.config`), as
-  many steps as fit the budget: a short calibration run measures the step time first. Its validation
-  picks the exported weights (`matris.export`), as in the pipeline.
+- Ours: `python -m janus.train`, the pipeline's trainer with the pipeline's defaults (`janus.config`),
+  for the budget itself (``train.time_budget_s``: steps, validation and checkpoints count, the first
+  step's compilation too, the process start-up not; the learning rate decays over the seconds). Its
+  validation picks the exported weights (`matris.export`), as in the pipeline.
 - MACE: `mace_run_train` from `mace-torch` in its own venv (made at ``--mace-venv`` if missing: torch
   2.13.0 CPU wheel, then mace-torch), 64x0e, r_max 6 Å, float32, E0s averaged, stress loss, with the
   val split as its validation file (it keeps its best epoch on it, as ours keeps its best validation).
-  A one-epoch run measures its epoch time, then it trains for as many epochs as fit the budget. MACE has
+  A one-epoch run measures its epoch time, then it continues from that epoch's checkpoint up to the
+  fewest whole epochs that reach the budget (so MACE gets at least as many seconds as ours). MACE has
   no task input, so it runs only when the input holds one task.
 - ``--steps N`` trains ours for N steps instead of a budget, and ``--set KEY=VALUE`` changes its janus
   config (`python -m janus.train --set`): with ``--no-mace``, one change of the recipe measured at a time.
@@ -33,7 +35,6 @@ import math
 import os
 import re
 import shutil
-import statistics
 import subprocess
 import sys
 import time
@@ -48,7 +49,8 @@ from rich.table import Table
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_INPUTS = sorted((ROOT / "sample_data").glob("*.extxyz.gz"))
-CALIBRATION_STEPS = 25
+UNBOUNDED_STEPS = 1_000_000  # with a time budget, the seconds end the run
+EVAL_EVERY = 100
 MACE_LOG_LINE = re.compile(r"^(\S+ \S+)\.\d+ INFO: Epoch (\d+): .*MAE_F=\s*([\d.]+) meV / A")
 
 
@@ -71,61 +73,59 @@ def run(cmd: list[str], **kwargs) -> float:
 
 
 def train_ours(
-    data: Path, out: Path, preset: str, steps: int, eval_every: int, overrides: tuple[str, ...] = ()
+    data: Path, out: Path, preset: str, train: dict[str, Any], overrides: tuple[str, ...]
 ) -> float:
+    """`python -m janus.train` on ``data`` with the pipeline's defaults, ``train`` and ``overrides``."""
     out.mkdir(parents=True, exist_ok=True)
-    config = {
-        "model": {"preset": preset},
-        "train": {"steps": steps, "eval_every": eval_every, "warmup_steps": min(10, steps // 10)},
-        "data_dir": str(data),
-        "out_dir": str(out / "train"),
-    }
+    config = {"model": {"preset": preset}, "train": train, "data_dir": str(data)}
+    config["out_dir"] = str(out / "train")
     (out / "janus.yaml").write_text(yaml.safe_dump(config))
     shutil.rmtree(out / "train", ignore_errors=True)
     sets = [arg for text in overrides for arg in ("--set", text)]
     return run([sys.executable, "-m", "janus.train", "--config", str(out / "janus.yaml"), *sets])
 
 
-def steps_for_budget(
-    data: Path, out: Path, preset: str, budget_s: float, overrides: tuple[str, ...]
-) -> tuple[int, float]:
-    """Steps that fit ``budget_s``: a short run measures the median step and the start-up cost."""
-    wall = train_ours(data, out / "calibration", preset, CALIBRATION_STEPS, 0, overrides)
-    rows = read_jsonl(out / "calibration" / "train" / "metrics.jsonl")
-    step_s = statistics.median(r["step_time_s"] for r in rows[5:])
-    startup = max(0.0, wall - sum(r["step_time_s"] for r in rows))
-    return max(1, int(0.95 * (budget_s - startup) / step_s)), step_s
-
-
 def ours(
-    data: Path, out: Path, preset: str, budget_s: float, steps: int | None = None, overrides: tuple = ()
+    data: Path,
+    out: Path,
+    preset: str,
+    budget_s: float | None,
+    steps: int | None = None,
+    overrides: tuple[str, ...] = (),
 ) -> dict[str, Any]:
-    """Train (``steps``, or as many as fit ``budget_s``), export the best-validation weights, score."""
+    """Train for ``budget_s`` seconds (the trainer's ``train.time_budget_s``: the learning rate decays over
+    them) or for ``steps``, export the best-validation weights, score them on the val split."""
     from data_prep import iter_atoms
     from data_prep.loader import BatchPlan, GraphDataset
-    from janus.config import TrainConfig
+    from janus.config import JanusConfig
+    from janus.overrides import build
     from matris import MatRISCalculator
     from matris.export import export_checkpoint
 
-    step_s = None
     if steps is None:
-        steps, step_s = steps_for_budget(data, out, preset, budget_s, overrides)
-    eval_every = max(1, steps // 10)
-    seconds = train_ours(data, out, preset, steps, eval_every, overrides)
+        train = {"steps": UNBOUNDED_STEPS, "time_budget_s": budget_s, "eval_every": EVAL_EVERY}
+    else:
+        train = {"steps": steps, "eval_every": max(1, steps // 10), "warmup_steps": min(10, steps // 10)}
+    seconds = train_ours(data, out, preset, train, overrides)
     model = out / "model.safetensors"
     provenance = export_checkpoint(out / "train" / "checkpoints", model, data_dir=data)
     frames = list(iter_atoms(data, split="val"))
     scores = score_frames(frames, lambda atoms: MatRISCalculator(model, task=atoms.info["task"]))
-    defaults = TrainConfig()
-    dataset = GraphDataset(data, split="train")
-    plan = BatchPlan(dataset.sizes, max_atoms=defaults.max_atoms_per_batch, max_edges=None, seed=0)
-    epochs = steps / len(plan.batches(0))
     rows = read_jsonl(out / "train" / "metrics.jsonl")
+    done = [r for r in rows if r.get("kind") != "validation"]
+    config = build(JanusConfig, yaml.safe_load((out / "janus.yaml").read_text()), list(overrides)).train
+    plan = BatchPlan(
+        GraphDataset(data, split="train").sizes,
+        max_atoms=config.max_atoms_per_batch,
+        max_edges=config.max_edges_per_batch,
+        seed=config.seed,
+        max_triplets=config.max_triplets_per_batch,
+    )
     return {
-        "steps": steps,
-        "calibrated_step_s": step_s,
-        "train_seconds": seconds,
-        "epochs": epochs,
+        "steps": len(done),
+        "train_seconds": done[-1]["elapsed_s"],
+        "process_seconds": seconds,
+        "epochs": len(done) / len(plan.batches(0)),
         "weights": provenance["weights"],
         "tasks": scores,
         "curve": curve_ours(rows),
@@ -185,8 +185,8 @@ def write_mace_frames(data: Path, split: str, path: Path) -> int:
 
 
 def train_mace(venv: Path, work: Path, epochs: int) -> float:
-    shutil.rmtree(work / "run", ignore_errors=True)
-    (work / "run").mkdir(parents=True)
+    """MACE up to ``epochs`` in ``work/run``, continuing from its checkpoint there if one exists."""
+    (work / "run").mkdir(parents=True, exist_ok=True)
     cmd = [
         str(venv / "bin" / "mace_run_train"), "--name", "mace", "--train_file", str(work / "train.xyz"),
         "--valid_file", str(work / "valid.xyz"), "--E0s", "average", "--model", "MACE",
@@ -194,6 +194,7 @@ def train_mace(venv: Path, work: Path, epochs: int) -> float:
         "--device", "cpu", "--default_dtype", "float32", "--energy_key", "REF_energy",
         "--forces_key", "REF_forces", "--stress_key", "REF_stress", "--loss", "stress",
         "--stress_weight", "1.0", "--error_table", "PerAtomMAE", "--eval_interval", "1", "--seed", "1",
+        "--restart_latest",
     ]  # fmt: skip
     env = {**os.environ, "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD": "1"}
     return run(cmd, cwd=work / "run", env=env)
@@ -205,9 +206,11 @@ def mace(data: Path, out: Path, venv: Path, budget_s: float) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     write_mace_frames(data, "train", out / "train.xyz")
     write_mace_frames(data, "val", out / "valid.xyz")
+    shutil.rmtree(out / "run", ignore_errors=True)
     epoch_s = train_mace(venv, out, 1)
-    epochs = max(1, math.floor(budget_s / epoch_s))
-    seconds = epoch_s if epochs == 1 else train_mace(venv, out, epochs)
+    epochs = max(1, math.ceil(budget_s / epoch_s))  # at least the budget: ratios then favour MACE
+    # a restart repeats the epoch number of its checkpoint: epochs - 1 more make ``epochs`` in all
+    seconds = epoch_s + (train_mace(venv, out, epochs - 1) if epochs > 1 else 0.0)
     model = out / "run" / "mace.model"
     frames = list(iter_atoms(data, split="val"))
     scores = mace_scores(venv, model, out, frames)
@@ -251,7 +254,7 @@ def _labelled(atoms):
 def curve_mace(log_dir: Path, task: str) -> dict[str, list[tuple[float, float]]]:
     """(seconds since the first logged epoch line, validation force MAE) per epoch of MACE's log."""
     points, start = [], None
-    for log in sorted(log_dir.glob("*.log")):
+    for log in sorted(p for p in log_dir.glob("*.log") if not p.name.endswith("_debug.log")):
         for line in log.read_text().splitlines():
             match = MACE_LOG_LINE.match(line)
             if match:
@@ -345,7 +348,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--mace-venv", type=Path, default=Path("/work/peers-venv"))
     parser.add_argument("--no-mace", action="store_true")
     parser.add_argument("--single-task", action="store_true", help="also train ours on each task alone")
-    parser.add_argument("--steps", type=int, help="train ours for this many steps (default: the budget's)")
+    parser.add_argument("--steps", type=int, help="train ours for N steps, not the budget")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="janus config change")
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "bench_accuracy")
     args = parser.parse_args(argv)
@@ -398,7 +401,7 @@ def single_task(
         dataset = GraphDataset(data, split="train")
         per_epoch = len(BatchPlan(dataset.sizes, max_atoms=budget, max_edges=None, seed=0).batches(0))
         steps = max(1, math.ceil(mixed["epochs"] * per_epoch))
-        runs[task] = ours(data, data.parent / "ours", preset, 0.0, steps, overrides)
+        runs[task] = ours(data, data.parent / "ours", preset, None, steps, overrides)
     return runs
 
 

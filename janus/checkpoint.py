@@ -95,7 +95,7 @@ def load(
     train_state. Each ``extra`` state the checkpoint holds is loaded in place; the others are left as
     they are (e.g. an EMA switched on after the checkpoint was written starts from the weights)."""
     path = Path(path)
-    train_state = json.loads((path / STATE_FILE).read_text())
+    train_state = read_train_state(path)
     model_sd, optim_sd = get_state_dict(model, optimizer)
     saved = set(train_state.get("extra", []))
     state = {"model": model_sd, "optim": optim_sd, **{k: v for k, v in (extra or {}).items() if k in saved}}
@@ -105,6 +105,10 @@ def load(
     if own is not None and train_state.get("world_size") == dist.get_world_size():
         torch.set_rng_state(torch.tensor(own, dtype=torch.uint8))
     return train_state
+
+
+def read_train_state(path: Path) -> dict[str, Any]:
+    return json.loads((Path(path) / STATE_FILE).read_text())
 
 
 def read_model_config(path: Path) -> dict[str, Any]:

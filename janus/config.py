@@ -63,6 +63,12 @@ class TrainConfig(Strict):
     max_triplets_per_batch: int | None = Field(
         None, ge=1, description="line-graph triplets per global batch (dense cells have ~250 per atom)"
     )
+    time_budget_s: float | None = Field(
+        None,
+        gt=0,
+        description="stop once training (steps, validation, checkpoints) has taken this many seconds; "
+        "the learning rate then decays over whichever budget, steps or seconds, runs out first",
+    )
     checkpoint_every: int = Field(25, ge=1)
     eval_every: int = Field(
         100, ge=0, description="validate on the held-out split every N steps and after the last (0: never)"

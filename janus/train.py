@@ -57,14 +57,45 @@ from matris.properties import parameter_backward
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
-def lr_lambda(cfg: JanusConfig):
-    """Linear warmup, then cosine decay to ``min_lr_ratio`` of the peak."""
+class TrainingClock:
+    """Seconds spent training, the slowest rank's, carried across resumes: ``train.time_budget_s``.
+
+    ``agreed`` is updated from the per-step MAX reduction every rank already does, so every rank sees the
+    same value and makes the same schedule and stopping decisions.
+    """
+
+    def __init__(self, budget_s: float | None):
+        self.budget_s = budget_s
+        self.before = self.agreed = 0.0
+        self.started = time.perf_counter()
+
+    def resume(self, elapsed_before: float) -> None:
+        self.before = self.agreed = elapsed_before
+
+    def start(self) -> None:
+        self.started = time.perf_counter()
+
+    def local(self) -> float:
+        return self.before + time.perf_counter() - self.started
+
+    def progress(self) -> float:
+        return self.agreed / self.budget_s if self.budget_s else 0.0
+
+    @property
+    def expired(self) -> bool:
+        return self.budget_s is not None and self.agreed >= self.budget_s
+
+
+def lr_lambda(cfg: JanusConfig, clock: TrainingClock | None = None):
+    """Linear warmup, then cosine decay to ``min_lr_ratio`` of the peak over the steps or, if it ends
+    sooner, the time budget."""
     train = cfg.train
 
     def factor(step: int) -> float:
         if step < train.warmup_steps:
             return (step + 1) / (train.warmup_steps + 1)
         progress = (step - train.warmup_steps) / max(1, train.steps - train.warmup_steps)
+        progress = max(progress, clock.progress() if clock is not None else 0.0)
         cosine = 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
         return train.min_lr_ratio + (1 - train.min_lr_ratio) * cosine
 
@@ -140,7 +171,8 @@ class Trainer:
         self.optimizer = torch.optim.AdamW(
             self.model.parameters(), lr=peak_lr(cfg), weight_decay=cfg.train.weight_decay
         )
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg))
+        self.clock = TrainingClock(cfg.train.time_budget_s)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg, self.clock))
         self.ema = EMA(self.model, cfg.train.ema_decay) if cfg.train.ema_decay else None
 
         self.dataset = GraphDataset(cfg.data_dir, split="train")
@@ -171,6 +203,7 @@ class Trainer:
             state = checkpoint.load(previous, self.model, self.optimizer, self._extra())
             self.scheduler.load_state_dict(state["scheduler"])
             self.start = state["step"]
+            self.clock.resume(state.get("elapsed_s", 0.0))
             if self.env.is_main:
                 print(f"janus: resumed from {previous} at step {self.start}", flush=True)
         return self.start
@@ -184,6 +217,8 @@ class Trainer:
             {
                 "scheduler": self.scheduler.state_dict(),
                 "epoch": epoch,
+                "elapsed_s": self.clock.local(),
+                "time_budget_spent": self.clock.expired,
                 "seed": self.cfg.train.seed,
                 "parallel": self.cfg.parallel.model_dump(),
             },
@@ -292,8 +327,10 @@ class Trainer:
         local = [float(triplets), (counted or 0.0) * work.active]
         summed = torch.tensor(local, dtype=torch.float64, device=self.device)
         dist.all_reduce(summed)
-        maxed = torch.tensor([float(memory), imbalance, static], dtype=torch.float64, device=self.device)
+        maxed = [float(memory), imbalance, static, self.clock.local()]
+        maxed = torch.tensor(maxed, dtype=torch.float64, device=self.device)
         dist.all_reduce(maxed, op=dist.ReduceOp.MAX)
+        self.clock.agreed = float(maxed[3])
         elapsed = time.perf_counter() - tic
         shape = (atoms, edges, int(summed[0]), len(global_batch))
         if counted is not None:
@@ -320,6 +357,7 @@ class Trainer:
             "tflops_per_s": flops / elapsed / 1e12,
             "flop_efficiency": flops / (elapsed * self.env.world_size * self._peak),
             "expert_imbalance": float(maxed[1]),
+            "elapsed_s": self.clock.agreed,
         }
         if self.where.expert_size > 1:
             record["expert_imbalance_static"] = float(maxed[2])
@@ -350,6 +388,10 @@ def _per_structure(
 def train(cfg: JanusConfig, env: launch.DistEnv) -> None:
     trainer = Trainer(cfg, env)
     start = trainer.resume()
+    if trainer.clock.expired:
+        if env.is_main:
+            print(f"janus: the time budget of {cfg.train.time_budget_s:g} s was spent by step {start}")
+        return
     log = MetricsLog(cfg.out_dir / "metrics.jsonl", resume_step=start) if env.is_main else None
     every = cfg.train.eval_every
     validator = None
@@ -358,19 +400,26 @@ def train(cfg: JanusConfig, env: launch.DistEnv) -> None:
             cfg.data_dir, cfg.out_dir, trainer.model_cfg, cfg.loss, trainer.dtype, env.is_main,
             cfg.train.eval_max_structures, resumed=start > 0,
         )  # fmt: skip
+    trainer.clock.start()
     for step in range(start, cfg.train.steps):
         result = trainer.step(step)
         done = step + 1
+        last = done == cfg.train.steps or trainer.clock.expired
         if log is not None:
             log.write(result.record)
-        if validator is not None and (done % every == 0 or done == cfg.train.steps):
+        if validator is not None and (done % every == 0 or last):
             records = validator.run(trainer.model, done, trainer.ema.state_dict() if trainer.ema else None)
             if log is not None and records:
                 for record in records:
                     log.write(record)
                 print(describe(records), flush=True)
-        if done % cfg.train.checkpoint_every == 0 or done == cfg.train.steps:
+        if done % cfg.train.checkpoint_every == 0 or last:
             trainer.save(done, result.record["epoch"])
+        if trainer.clock.expired:
+            if env.is_main:
+                budget = cfg.train.time_budget_s
+                print(f"janus: time budget of {budget:g} s spent after step {done}", flush=True)
+            break
     if log is not None:
         log.close()
 

@@ -428,3 +428,33 @@ def test_sigkill_resumes_from_last_checkpoint(small_data, tmp_path):
         "step_000000004",
         "step_000000005",
     ]
+
+
+def test_time_budget_stops_training_decays_the_schedule_and_completes_the_stage(small_data, tmp_path):
+    """`train.time_budget_s` ends a run long before `train.steps`, with the learning rate decayed over the
+    seconds, a final checkpoint that the workflow counts as complete, and a rerun that trains no more."""
+    from workflows.stages import train_complete
+
+    cfg = config(
+        small_data, tmp_path / "run", (1, 1, 1), steps=1000, warmup_steps=1, min_lr_ratio=0.1,
+        checkpoint_every=1000, sleep_per_step_s=0.5, time_budget_s=3.0,
+    )  # fmt: skip
+    cfg_file = tmp_path / "run.yaml"
+    cfg_file.write_text(json.dumps(cfg))
+    cmd = [sys.executable, "-m", "janus.train", "--config", str(cfg_file)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    first = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0, first.stderr
+    assert "time budget of 3 s spent" in first.stdout
+    lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert 2 <= len(lines) < 20
+    assert lines[-1]["elapsed_s"] >= 3.0
+    lrs = [r["lr"] for r in lines]
+    assert lrs[1:] == sorted(lrs[1:], reverse=True) and lrs[-1] < 0.5 * max(lrs)
+    saved = sorted((tmp_path / "run" / "checkpoints").iterdir())
+    assert [p.name for p in saved] == [f"step_{len(lines):09d}"]
+    assert train_complete(tmp_path / "run", 1000)
+
+    rerun = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0 and "was spent by step" in rerun.stdout, rerun.stderr
+    assert len((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()) == len(lines)

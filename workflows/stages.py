@@ -132,10 +132,14 @@ def data_complete(data_dir: Path) -> bool:
 
 
 def train_complete(train_dir: Path, steps: int) -> bool:
-    from janus.checkpoint import latest
+    """The newest checkpoint reached ``steps`` or spent ``train.time_budget_s``."""
+    from janus.checkpoint import latest, read_train_state
 
     last = latest(train_dir / "checkpoints")
-    return last is not None and int(last.name.split("_")[1]) >= steps
+    if last is None:
+        return False
+    state = read_train_state(last)
+    return state["step"] >= steps or state.get("time_budget_spent", False)
 
 
 def export_complete(model_path: Path, train_dir: Path) -> bool:

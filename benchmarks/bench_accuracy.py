@@ -105,7 +105,7 @@ def ours(
     if steps is None:
         train = {"steps": UNBOUNDED_STEPS, "time_budget_s": budget_s, "eval_every": EVAL_EVERY}
     else:
-        train = {"steps": steps, "eval_every": max(1, steps // 10), "warmup_steps": min(10, steps // 10)}
+        train = {"steps": steps, "eval_every": max(1, steps // 10)}
     seconds = train_ours(data, out, preset, train, overrides)
     model = out / "model.safetensors"
     provenance = export_checkpoint(out / "train" / "checkpoints", model, data_dir=data)

@@ -9,9 +9,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from matris.config import LossConfig
+from matris.config import LossConfig, ModelConfig
+
+
+class LayoutError(ValueError):
+    """The parallel layout does not fit the world size or the model."""
 
 
 class Strict(BaseModel):
@@ -33,6 +37,15 @@ class ModelChoice(Strict):
             raise ValueError(f"unknown model preset {value!r}; choose one of {', '.join(PRESETS)}")
         return value
 
+    def resolve(self, tasks: list[str] | None = None) -> ModelConfig:
+        """The full model config; a bad override fails naming ``model.overrides``."""
+        try:
+            fields = {**({"tasks": tasks} if tasks else {}), **self.overrides}
+            return ModelConfig.from_preset(self.preset, **fields)
+        except ValidationError as err:
+            problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in err.errors())
+            raise ValueError(f"model.overrides of preset {self.preset!r}: {problems}") from None
+
 
 class ParallelConfig(Strict):
     """Sizes of the (dp, graph, expert) device mesh; their product is the number of training ranks."""
@@ -53,7 +66,9 @@ class TrainConfig(Strict):
     lr_reference_atoms: int = Field(
         512, ge=1, description="learning rate scales with sqrt(max_atoms_per_batch / this)"
     )
-    warmup_steps: int = Field(10, ge=0)
+    warmup_steps: int | None = Field(
+        None, ge=0, description="linear warm-up steps (null: 10, or a tenth of a run shorter than 100 steps)"
+    )
     min_lr_ratio: float = Field(0.05, ge=0, le=1)
     weight_decay: float = Field(1e-3, ge=0)
     grad_clip: float = Field(10.0, gt=0)
@@ -84,6 +99,31 @@ class TrainConfig(Strict):
     )
 
 
+    @property
+    def warmup(self) -> int:
+        return self.warmup_steps if self.warmup_steps is not None else min(10, self.steps // 10)
+
+    @model_validator(mode="after")
+    def _warmup_within_run(self) -> TrainConfig:
+        if self.warmup_steps is not None and self.warmup_steps >= self.steps > 1:
+            raise ValueError(
+                f"train.warmup_steps ({self.warmup_steps}) must be below train.steps ({self.steps}); "
+                "leave it unset to scale with the run"
+            )
+        return self
+
+
+def check_layout(parallel: ParallelConfig, model: ModelConfig) -> None:
+    """Layout problems that need no process group (the world size is checked by `janus.parallel`)."""
+    expert = parallel.expert
+    if expert > 1 and not model.moe_blocks:
+        raise LayoutError(f"parallel.expert = {expert} but model preset {model.preset!r} has no MoE layers")
+    if expert > 1 and model.num_experts % expert:
+        raise LayoutError(
+            f"parallel.expert = {expert} does not divide the model's {model.num_experts} experts"
+        )
+
+
 class JanusConfig(Strict):
     model: ModelChoice = Field(default_factory=ModelChoice)
     loss: LossConfig = Field(default_factory=LossConfig)
@@ -93,10 +133,6 @@ class JanusConfig(Strict):
     out_dir: Path
 
     @model_validator(mode="after")
-    def _checkpoint_within_run(self) -> JanusConfig:
-        if self.train.warmup_steps >= self.train.steps and self.train.steps > 1:
-            raise ValueError(
-                f"train.warmup_steps ({self.train.warmup_steps}) must be below "
-                f"train.steps ({self.train.steps})"
-            )
+    def _layout_fits_model(self) -> JanusConfig:
+        check_layout(self.parallel, self.model.resolve())
         return self

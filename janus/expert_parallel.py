@@ -37,7 +37,8 @@ from torch.distributed.tensor import DTensor, Shard
 from torch.func import functional_call
 
 from janus import planner
-from janus.parallel import LayoutError, StepContext, exchange, local, transfer
+from janus.config import LayoutError
+from janus.parallel import StepContext, exchange, local, transfer
 from matris.moe import MoE
 
 

@@ -43,13 +43,9 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import FSDPModule, fully_shard
 from torch.distributed.tensor import DTensor, Partial, Replicate
 
-from janus.config import ParallelConfig
+from janus.config import LayoutError, ParallelConfig
 
 MESH_DIMS = ("dp", "graph", "expert")
-
-
-class LayoutError(ValueError):
-    """The parallel layout does not fit the world size or the model."""
 
 
 @dataclass

@@ -31,7 +31,7 @@ import torch.distributed as dist
 from data_prep.loader import BatchPlan, GraphDataset
 from janus import checkpoint, launch
 from janus.batching import Coordinates, RankWork, assign, loss_batch, partition
-from janus.config import JanusConfig
+from janus.config import JanusConfig, LayoutError, check_layout
 from janus.ema import EMA
 from janus.expert_parallel import gathered_weights, parallelize_moe, return_gradients
 from janus.flops import FlopMeter, count_triplets, peak_flops
@@ -39,7 +39,6 @@ from janus.graph_parallel import build_step, install_hooks, predict_sharded
 from janus.metrics import MetricsLog, peak_memory_bytes
 from janus.overrides import ConfigError, build, load_yaml
 from janus.parallel import (
-    LayoutError,
     StepContext,
     apply_fsdp,
     build_mesh,
@@ -92,9 +91,10 @@ def lr_lambda(cfg: JanusConfig, clock: TrainingClock | None = None):
     train = cfg.train
 
     def factor(step: int) -> float:
-        if step < train.warmup_steps:
-            return (step + 1) / (train.warmup_steps + 1)
-        progress = (step - train.warmup_steps) / max(1, train.steps - train.warmup_steps)
+        warmup = train.warmup
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        progress = (step - warmup) / max(1, train.steps - warmup)
         progress = max(progress, clock.progress() if clock is not None else 0.0)
         cosine = 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
         return train.min_lr_ratio + (1 - train.min_lr_ratio) * cosine
@@ -108,30 +108,13 @@ def peak_lr(cfg: JanusConfig) -> float:
 
 
 def resolve_model_config(cfg: JanusConfig, manifest: dict) -> ModelConfig:
-    model_cfg = ModelConfig.from_preset(
-        cfg.model.preset, tasks=list(manifest["tasks"]), **cfg.model.overrides
-    )
+    model_cfg = cfg.model.resolve(list(manifest["tasks"]))
     if model_cfg.cutoff > manifest["cutoff"] + 1e-9:
         raise ConfigError(
             f"model cutoff {model_cfg.cutoff} Å exceeds the data's graph cutoff {manifest['cutoff']} Å "
             f"({cfg.data_dir / 'manifest.json'}); rebuild the data with a larger cutoff"
         )
     return model_cfg
-
-
-def check_layout(cfg: JanusConfig, model_cfg: ModelConfig | None = None) -> None:
-    """Layout problems that need no process group (the world size is checked by `build_mesh`)."""
-    if model_cfg is None:
-        model_cfg = ModelConfig.from_preset(cfg.model.preset, **cfg.model.overrides)
-    expert = cfg.parallel.expert
-    if expert > 1 and not model_cfg.moe_blocks:
-        raise LayoutError(
-            f"parallel.expert = {expert} but model preset {model_cfg.preset!r} has no MoE layers"
-        )
-    if expert > 1 and model_cfg.num_experts % expert:
-        raise LayoutError(
-            f"parallel.expert = {expert} does not divide the model's {model_cfg.num_experts} experts"
-        )
 
 
 @dataclass
@@ -151,7 +134,7 @@ class Trainer:
         self.dtype = DTYPES[cfg.train.dtype]
         manifest = json.loads((cfg.data_dir / "manifest.json").read_text())
         self.model_cfg = resolve_model_config(cfg, manifest)
-        check_layout(cfg, self.model_cfg)
+        check_layout(cfg.parallel, self.model_cfg)
         self.meshes = build_mesh(cfg.parallel, env.world_size, self.device.type)
         m = self.meshes
         self.where = Coordinates(
@@ -437,7 +420,6 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         cfg = build(JanusConfig, load_yaml(args.config), args.set)
-        check_layout(cfg)
     except (ConfigError, LayoutError, ValueError) as err:
         print(f"janus.train: {err}", file=sys.stderr)
         return 2

@@ -22,7 +22,6 @@ interchange starts) and the job names' timestamps differ from a real run.
 from __future__ import annotations
 
 import math
-import re
 import shlex
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -47,7 +46,7 @@ from parsl.providers.cluster_provider import ClusterProvider
 from parsl.providers.errors import ExecutionProviderException
 
 from site_configs.local import environment_exports, python_path_init
-from site_configs.schema import SiteConfig
+from site_configs.schema import SiteConfig, require_safe_path
 
 MPI_LAUNCHER = {"slurm": "srun", "pbs": "mpiexec"}
 DIRECTIVE = {"slurm": "#SBATCH", "pbs": "#PBS"}
@@ -63,7 +62,6 @@ MASTER_ADDR = {
 # cluster) do not collide, and a retry in a new block gets a fresh port.
 JOB_NUMBER = {"slurm": "$SLURM_JOB_ID", "pbs": "${PBS_JOBID%%.*}"}
 CONFIG_ERROR_EXIT = 2  # janus.train's exit status for a configuration or parallel-layout error
-SAFE_PATH = re.compile(r"^[A-Za-z0-9_./+@%=,:-]+$")
 
 
 def parsl_config(site: SiteConfig, run_dir: Path, strategy_period: float = 5.0) -> Config:
@@ -224,15 +222,6 @@ def retry_handler(exception: BaseException, task_record: Any) -> float:
         return math.inf if exception.exitcode == CONFIG_ERROR_EXIT else 1
     lost = (ManagerLost, WorkerLost, ExecutorError, ExecutionProviderException, TooManyJobFailuresError)
     return 1 if isinstance(exception, lost) else math.inf
-
-
-def require_safe_path(path: Path) -> None:
-    """Paths end up unquoted in #SBATCH/#PBS lines and in Parsl's ``qsub`` command line."""
-    if not SAFE_PATH.match(str(path)):
-        raise ValueError(
-            f"path {str(path)!r} holds characters a batch script cannot carry safely; "
-            "use a run directory of letters, digits and _./+@%=,:-"
-        )
 
 
 def describe_submission(site: SiteConfig, run: Any, paths: Any) -> str:

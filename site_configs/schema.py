@@ -14,6 +14,7 @@ submission.
 from __future__ import annotations
 
 import re
+from pathlib import Path
 from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, model_validator
@@ -23,6 +24,7 @@ WALLTIME = re.compile(r"^(\d+):([0-5]\d):([0-5]\d)$")
 # quotes, globs, $, `, ;, &, |, <, >, newlines): launcher options reach the shell through the unquoted
 # $PARSL_MPI_PREFIX, scheduler options #SBATCH/#PBS lines.
 TOKEN = r"[A-Za-z0-9_.,:@%+=/-]+"
+SAFE_PATH = re.compile(r"^[A-Za-z0-9_./+@%=,:-]+$")
 
 
 def walltime_seconds(text: str) -> int:
@@ -207,3 +209,13 @@ class SiteConfig(BaseModel):
                 f"{walltime_field} {walltime} exceeds the {limit} limit of {field} {queue!r} "
                 f"for a {nodes}-node job on {self.name}"
             )
+
+
+def require_safe_path(path: Path, field: str = "--run-dir") -> None:
+    """Run paths end up in #SBATCH/#PBS lines, in Parsl's ``qsub`` command line and, unquoted, in the
+    ``bash -c`` line of Parsl's LocalProvider: refuse what a shell or a batch script would split or run."""
+    if not SAFE_PATH.match(str(path)):
+        raise ValueError(
+            f"{field} {str(path)!r} holds characters a shell or batch script cannot carry safely "
+            "(spaces, quotes, $, ;, `, newlines, non-ASCII, ...); use letters, digits and _./+@%=,:-"
+        )

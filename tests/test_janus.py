@@ -29,7 +29,6 @@ from janus.batching import Coordinates, assign, choose_partitioned, partition
 from janus.config import JanusConfig
 from janus.flops import STEP_OVER_FORWARD, FlopMeter, count_triplets
 from janus.planner import expert_counts, plan
-from janus.train import check_layout
 
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLE = ROOT / "sample_data"
@@ -211,11 +210,11 @@ def test_layout_errors(small_data, tmp_path):
     assert "parallel.dp × parallel.graph × parallel.expert = 2 × 1 × 1 = 2, but 1 ranks" in result.stderr
 
     with pytest.raises(ValueError, match="does not divide the model's 4 experts"):
-        check_layout(JanusConfig.model_validate(config(small_data, tmp_path, (1, 1, 3))))
+        JanusConfig.model_validate(config(small_data, tmp_path, (1, 1, 3)))
     wrong = config(small_data, tmp_path, (1, 1, 2))
     wrong["model"]["preset"] = "matris-6l"
     with pytest.raises(ValueError, match="has no MoE layers"):
-        check_layout(JanusConfig.model_validate(wrong))
+        JanusConfig.model_validate(wrong)
 
 
 # -- the pieces on their own -----------------------------------------------------------------------------

@@ -80,6 +80,14 @@ def test_pretrain_end_to_end_then_rerun_skips(tmp_path: Path):
         assert stage["status"].startswith("skipped"), (name, stage)
     assert metrics_steps(run_dir) == list(range(1, 13))
 
+    # A changed config on the finished run dir is refused before anything runs, naming the fields.
+    before = (run_dir / "run_config.yaml").read_bytes()
+    changed = (*SMALL_RUN, "--set", "train.lr=0.05", "--set", "train.seed=3")
+    refused = parsl_run("workflows/pretrain.py", "--site", "local", "--run-dir", str(run_dir), *changed)
+    assert refused.returncode == 2, refused.stdout + refused.stderr
+    assert "train.lr: 0.004 → 0.05" in refused.stderr and "train.seed: 0 → 3" in refused.stderr
+    assert (run_dir / "run_config.yaml").read_bytes() == before
+
 
 def test_killed_training_resumes_without_redoing_data(tmp_path: Path):
     run_dir = tmp_path / "run"

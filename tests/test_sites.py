@@ -306,7 +306,7 @@ def test_local_site_exports_its_environment_to_training_and_stage_workers(tmp_pa
 
 def test_run_directory_that_a_batch_script_cannot_carry_is_refused(tmp_path: Path):
     site = site_configs.resolve("local-slurm", {})
-    with pytest.raises(ValueError, match="run directory"):
+    with pytest.raises(ValueError, match="--run-dir"):
         batch.parsl_config(site, tmp_path / "my run;x")
 
 

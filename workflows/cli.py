@@ -3,7 +3,8 @@
 Parsl has no such command upstream; this one loads a workflow file, resolves and validates the run config
 and the site before anything starts, then loads the site's Parsl `Config` and runs the workflow's DAG.
 A workflow file defines ``CONFIG`` (its run-config class), ``describe(ctx) -> str`` (the DAG, for
-``--dry-run``) and ``run(ctx) -> int`` (exit status).
+``--dry-run``) and ``run(ctx) -> int`` (exit status), and optionally ``check(ctx)`` (raises `ConfigError`;
+runs before anything starts, dry runs included).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from pydantic import BaseModel, ValidationError
 
 import site_configs
 from janus.overrides import ConfigError, build, load_yaml
-from site_configs.schema import SiteConfig
+from site_configs.schema import SiteConfig, require_safe_path
 
 EPILOG = """examples:
   parsl-run workflows/pretrain.py --site local
@@ -45,6 +46,7 @@ class WorkflowContext:
     config_file: Path | None = None
     assignments: list[str] = field(default_factory=list)
     dry_run: bool = False
+    extend: bool = False
 
 
 def load_workflow(path: Path) -> ModuleType:
@@ -92,9 +94,13 @@ def make_context(args: argparse.Namespace) -> tuple[ModuleType, WorkflowContext]
     except (ValidationError, ValueError) as err:
         raise ConfigError(f"site {args.site!r}: {err}") from err
     run_dir = (args.run_dir or Path("runs") / f"{Path(args.workflow).stem}-{args.site}").resolve()
+    try:
+        require_safe_path(run_dir)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
     ctx = WorkflowContext(
         run=run, site=site, site_module=module, run_dir=run_dir, workflow_file=args.workflow,
-        config_file=args.config, assignments=list(args.set), dry_run=args.dry_run,
+        config_file=args.config, assignments=list(args.set), dry_run=args.dry_run, extend=args.extend,
     )  # fmt: skip
     if (args.schedule or args.unschedule) and not hasattr(workflow, "schedule"):
         raise ConfigError(f"workflow {args.workflow} cannot be scheduled (no schedule function)")
@@ -103,6 +109,8 @@ def make_context(args: argparse.Namespace) -> tuple[ModuleType, WorkflowContext]
             module.check(site, run)
         except ValueError as err:
             raise ConfigError(f"site {args.site!r}: {err}") from err
+    if hasattr(workflow, "check"):
+        workflow.check(ctx)
     return workflow, ctx
 
 
@@ -129,6 +137,10 @@ def parser() -> argparse.ArgumentParser:
         "default $XDG_CONFIG_HOME/matris-janus/sites.yaml",
     )  # fmt: skip
     p.add_argument("--dry-run", action="store_true", help="print the DAG and launch scripts; submit nothing")
+    p.add_argument(
+        "--extend", action="store_true",
+        help="resume a run dir with a larger train.steps (or train.time_budget_s) than it was made with",
+    )  # fmt: skip
     p.add_argument("--list-sites", action="store_true", help="list the available sites and exit")
     when = p.add_mutually_exclusive_group()
     when.add_argument("--schedule", choices=["nightly"], help="install the run as a nightly job (scaling)")
@@ -162,7 +174,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"parsl-run: {err}", file=sys.stderr)
             return 1
     interpreter_bin_on_path()
-    return int(workflow.run(ctx))
+    try:
+        return int(workflow.run(ctx))
+    except ConfigError as err:
+        print(f"parsl-run: {err}", file=sys.stderr)
+        return 2
 
 
 def interpreter_bin_on_path() -> None:

@@ -40,6 +40,7 @@ def block(ctx, tool: str) -> list[str]:
         parts += ["--set", assignment]
     log = ctx.run_dir / "nightly.log"
     command = f"cd {shlex.quote(str(Path.cwd()))} && {shlex.join(parts)} >> {shlex.quote(str(log))} 2>&1"
+    command = table_safe(command, tool)
     lines = [f"{TAG} site={site.name} run_dir={ctx.run_dir}"]
     if tool == "scrontab":
         lines.append("#SCRON --job-name=matris-scaling-nightly")
@@ -50,6 +51,20 @@ def block(ctx, tool: str) -> list[str]:
         lines.append(f"#SCRON --time={site.walltime}")
     lines.append(f"{ctx.run.scaling.schedule_time} {command}")
     return lines
+
+
+def table_safe(command: str, tool: str) -> str:
+    """cron turns an unescaped ``%`` into a newline and a table line cannot hold one: escape ``%`` for
+    crontab; refuse both for scrontab, whose handling of ``%`` Slurm does not document."""
+    if "\n" in command or "\r" in command:
+        raise RuntimeError("a newline in the run directory, --config or --set cannot go into a cron table")
+    if "%" not in command:
+        return command
+    if tool == "crontab":
+        return command.replace("%", "\\%")
+    raise RuntimeError(
+        f"'%' in the run directory, --config or --set cannot go into {tool}'s table; remove it"
+    )
 
 
 def read_table(tool: str) -> list[str]:

@@ -22,42 +22,10 @@ from typing import Any
 import yaml
 
 from workflows.runconfig import RunConfig
+from workflows.rundir import RunPaths, check_resume, exclusive
 
 CONFIG = RunConfig
 STAGES = ("data", "train", "export", "evaluate")
-
-
-@dataclass(frozen=True)
-class RunPaths:
-    root: Path
-
-    @property
-    def data(self) -> Path:
-        return self.root / "data"
-
-    @property
-    def train(self) -> Path:
-        return self.root / "train"
-
-    @property
-    def export(self) -> Path:
-        return self.root / "export"
-
-    @property
-    def eval(self) -> Path:
-        return self.root / "eval"
-
-    @property
-    def model(self) -> Path:
-        return self.export / "model.safetensors"
-
-    @property
-    def janus_config(self) -> Path:
-        return self.train / "janus.yaml"
-
-    @property
-    def summary(self) -> Path:
-        return self.root / "summary.json"
 
 
 def janus_config(run: RunConfig, paths: RunPaths) -> dict[str, Any]:
@@ -117,7 +85,18 @@ class StageRecord:
     detail: str = ""
 
 
+def check(ctx) -> None:
+    """Before Parsl starts: the run directory may be resumed with this run config."""
+    check_resume(RunPaths(ctx.run_dir), ctx.run.model_dump(mode="json"), ctx.extend)
+
+
 def run(ctx) -> int:
+    with exclusive(RunPaths(ctx.run_dir)):
+        check(ctx)  # again under the lock: another run may have finished in between
+        return _run(ctx)
+
+
+def _run(ctx) -> int:
     import parsl
 
     from workflows import stages
@@ -127,7 +106,7 @@ def run(ctx) -> int:
     paths = RunPaths(ctx.run_dir)
     for folder in (paths.data, paths.train, paths.export, paths.eval):
         folder.mkdir(parents=True, exist_ok=True)
-    stages.write_atomic(paths.root / "run_config.yaml", yaml.safe_dump(run_cfg.model_dump(mode="json")))
+    stages.write_atomic(paths.run_config, yaml.safe_dump(run_cfg.model_dump(mode="json")))
     stages.write_atomic(paths.janus_config, yaml.safe_dump(janus_config(run_cfg, paths)))
 
     complete_before = {

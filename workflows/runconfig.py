@@ -12,7 +12,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from data_prep.config import DataConfig
-from janus.config import ModelChoice, ParallelConfig, TrainConfig
+from janus.config import ModelChoice, ParallelConfig, TrainConfig, check_layout
 from matris.config import LossConfig
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -93,6 +93,7 @@ class RunConfig(Strict):
                 f"parallel.dp × parallel.graph × parallel.expert = {self.parallel.world_size} must equal "
                 f"launch.nodes × launch.ranks_per_node = {self.launch.ranks}"
             )
+        check_layout(self.parallel, self.model.resolve())
         missing = [str(p) for p in self.data.sources if not Path(p).exists()]
         if missing:
             raise ValueError(f"data.sources: file(s) not found: {', '.join(missing)}")

@@ -118,7 +118,7 @@ def rung_janus_config(cfg: ScalingConfig, rung: Rung, data_dir: Path, out_dir: P
     train = cfg.train.model_copy(
         update={
             "steps": s.steps,
-            "warmup_steps": min(cfg.train.warmup_steps, s.steps - 1),
+            "warmup_steps": min(cfg.train.warmup, s.steps - 1),
             "checkpoint_every": s.steps,
             "keep_checkpoints": 1,
             "max_atoms_per_batch": budget,

@@ -1,0 +1,139 @@
+"""One run directory: its layout, the run config it was made with, and the one `parsl-run` working in it.
+
+A rerun of the same command resumes the run. A rerun whose run config differs is refused, naming each
+changed field, unless the change is one a resume can honour (where it runs: ``site``, ``launch``,
+``parallel``; how often it saves) or, with ``--extend``, a longer run (``train.steps``,
+``train.time_budget_s``). Two `parsl-run` in one directory would interleave their metrics and prune each
+other's checkpoints, so each holds an exclusive lock on ``RUN_DIR/.parsl-run.lock`` while it runs.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from janus.overrides import ConfigError
+
+RESUMABLE = ("site.", "launch.", "parallel.", "train.checkpoint_every", "train.keep_checkpoints",
+             "train.peak_tflops")  # fmt: skip
+EXTENDABLE = ("train.steps", "train.time_budget_s")
+
+
+@dataclass(frozen=True)
+class RunPaths:
+    root: Path
+
+    @property
+    def data(self) -> Path:
+        return self.root / "data"
+
+    @property
+    def train(self) -> Path:
+        return self.root / "train"
+
+    @property
+    def export(self) -> Path:
+        return self.root / "export"
+
+    @property
+    def eval(self) -> Path:
+        return self.root / "eval"
+
+    @property
+    def model(self) -> Path:
+        return self.export / "model.safetensors"
+
+    @property
+    def janus_config(self) -> Path:
+        return self.train / "janus.yaml"
+
+    @property
+    def summary(self) -> Path:
+        return self.root / "summary.json"
+
+    @property
+    def run_config(self) -> Path:
+        return self.root / "run_config.yaml"
+
+    @property
+    def lock(self) -> Path:
+        return self.root / ".parsl-run.lock"
+
+
+def flatten(data: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(data, dict):
+        out: dict[str, Any] = {}
+        for key, value in data.items():
+            out.update(flatten(value, f"{prefix}{key}."))
+        return out or {prefix.rstrip("."): {}}
+    return {prefix.rstrip("."): data}
+
+
+def changes(previous: dict[str, Any], current: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
+    """``field: (before, now)`` for every leaf of the run config that differs."""
+    old, new = flatten(previous), flatten(current)
+    return {k: (old.get(k), new.get(k)) for k in sorted(old.keys() | new.keys()) if old.get(k) != new.get(k)}
+
+
+def _longer(field: str, before: Any, now: Any) -> bool:
+    if field == "train.steps":
+        return isinstance(before, int) and isinstance(now, int) and now >= before
+    return now is None or (before is not None and now >= before)
+
+
+def check_resume(paths: RunPaths, current: dict[str, Any], extend: bool) -> None:
+    """Refuse to resume ``paths`` with a run config that would no longer describe what it holds."""
+    if not paths.run_config.is_file():
+        return
+    previous = yaml.safe_load(paths.run_config.read_text()) or {}
+    refused = []
+    for field, (before, now) in changes(previous, current).items():
+        if field.startswith(RESUMABLE):
+            continue
+        if field in EXTENDABLE and extend and _longer(field, before, now):
+            continue
+        refused.append(f"{field}: {before!r} → {now!r}")
+    if refused:
+        hint = (
+            "train.steps and train.time_budget_s may only grow, with --extend"
+            if any(r.startswith(EXTENDABLE) for r in refused)
+            else "rerun with the settings it was made with to resume it"
+        )
+        raise ConfigError(
+            f"run directory {paths.root} holds a run made with other settings ({paths.run_config}):\n  "
+            + "\n  ".join(refused)
+            + f"\n{hint}, or give a new --run-dir to start another run"
+        )
+
+
+@contextmanager
+def exclusive(paths: RunPaths) -> Iterator[None]:
+    """Hold the run directory's lock (released by the kernel if this process dies); refuse if taken."""
+    paths.root.mkdir(parents=True, exist_ok=True)
+    handle = open(paths.lock, "a+")  # noqa: SIM115 (held open for the whole run: the lock lives on it)
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "another process"
+        handle.close()
+        raise ConfigError(
+            f"run directory {paths.root} is in use by {holder}; wait for it to finish or give another "
+            "--run-dir"
+        ) from None
+    try:
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"parsl-run pid {os.getpid()} on {os.uname().nodename} since {time.ctime()}\n")
+        handle.flush()
+        yield
+    finally:
+        handle.close()

@@ -39,7 +39,15 @@ def _ase_string_value(key: str, value: str) -> object:
 
 
 def parse(data: bytes) -> Atoms:
-    """The frame in ``data`` (count line, comment line, atom lines); raises on anything it cannot read."""
+    """The frame in ``data`` (count line, comment line, atom lines); raises on anything it cannot read.
+
+    The C parser crashes the process on a count of 0 (and on counts far beyond the text), so the count is
+    checked against the lines first."""
+    count_line, _, rest = data.partition(b"\n")
+    n_atoms = int(count_line)
+    n_lines = rest.count(b"\n") + (bool(rest) and not rest.endswith(b"\n"))  # comment and atom lines
+    if not 0 < n_atoms <= n_lines - 1:
+        raise ValueError(f"atom count {n_atoms} with {max(n_lines - 1, 0)} atom lines")
     fp = _fmemopen(data, len(data), b"r")
     if not fp.value:
         raise OSError(ctypes.get_errno(), "fmemopen failed")

@@ -1,9 +1,18 @@
 """Data preparation: read → validate → neighbour graphs → HDF5 shards + manifest, and the training loader."""
 
 from data_prep.atoms import iter_atoms
-from data_prep.config import DataConfig
+from data_prep.config import DataConfig, DataWarning
 from data_prep.loader import BatchPlan, GraphDataset, split_for_ranks
-from data_prep.pipeline import Chunk, ChunkResult, finalize, is_complete, plan_chunks, prepare, write_chunk
+from data_prep.pipeline import (
+    Chunk,
+    ChunkResult,
+    EmptyDatasetError,
+    finalize,
+    is_complete,
+    plan_chunks,
+    prepare,
+    write_chunk,
+)
 from data_prep.validate import Rejected, StrictModeError
 
 __all__ = [
@@ -11,6 +20,8 @@ __all__ = [
     "Chunk",
     "ChunkResult",
     "DataConfig",
+    "DataWarning",
+    "EmptyDatasetError",
     "GraphDataset",
     "Rejected",
     "StrictModeError",

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -64,10 +65,10 @@ def main(argv: list[str] | None = None) -> int:
                 progress.advance(bar, chunk.stop - chunk.start)
         data = finalize(args.out, config, results)
     except StrictModeError as error:
-        console.print(f"[red]strict mode: {error}[/red]")
+        console.print(f"[red]strict mode: {escape(str(error))}[/red]", soft_wrap=True)
         return 1
-    except (FileNotFoundError, ValueError, ImportError) as error:
-        console.print(f"[red]error:[/red] {error}")
+    except (OSError, ValueError, ImportError) as error:  # OSError: a missing input, a directory, a full disk
+        console.print(f"[red]error:[/red] {escape(str(error))}", soft_wrap=True)
         return 1
     summary(data, args.out, sum(r.reused for r in results))
     return 0

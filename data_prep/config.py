@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import warnings
 from pathlib import Path
 from typing import Literal
 
@@ -12,12 +13,19 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 Format = Literal["auto", "extxyz", "asedb", "mptrj", "aselmdb"]
 
 
+class DataWarning(UserWarning):
+    """Something in the inputs that is not an error but loses data: an input given twice, an empty file."""
+
+
 class DataConfig(BaseModel):
     """Inputs, graph cutoffs, validation thresholds, split and shard sizes, and where labels live.
 
     Label keys name ``atoms.info`` (energy, stress, task, charge, spin) or ``atoms.arrays`` (forces,
     magmoms) entries; when a key is absent the reader's calculator results are used instead, so plain
     ASE files (``energy=``, ``forces``) work with the defaults.
+
+    Sources are files; one file under two spellings (``x/a.xyz``, ``x/../x/a.xyz``, a symlink) is read
+    once, by its first spelling, with a `DataWarning`.
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -38,6 +46,24 @@ class DataConfig(BaseModel):
     charge_key: str = "charge"
     spin_key: str = "spin"
     default_task: str | None = None
+
+    @field_validator("sources")
+    @classmethod
+    def _unique_sources(cls, sources: list[Path]) -> list[Path]:
+        """Each file once: read twice, its records would be stored twice and weigh double in training."""
+        first: dict[Path, Path] = {}
+        for source in sources:
+            resolved = source.resolve()
+            if resolved not in first:
+                first[resolved] = source
+                continue
+            warnings.warn(
+                f"data.sources: {source} is the same file as {first[resolved]} (both are {resolved}); "
+                "reading it once",
+                DataWarning,
+                stacklevel=2,
+            )
+        return list(first.values())
 
     @field_validator("cutoff", "three_body_cutoff")
     @classmethod

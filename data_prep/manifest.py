@@ -10,12 +10,12 @@ the minimum-norm split rather than a singular solve).
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
 
+from data_prep.files import write_atomic
 from data_prep.shards import SCHEMA_VERSION
 from data_prep.validate import Record
 
@@ -25,9 +25,7 @@ N_ELEMENTS = 119  # atomic numbers 0..118 (validation rejects 0)
 
 def write_json(path: Path, obj, indent: int | None = 1) -> None:
     """Write JSON atomically: a reader sees the old file or the new one, never a partial one."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=indent, sort_keys=False) + "\n")
-    os.replace(tmp, path)
+    write_atomic(path, (json.dumps(obj, indent=indent, sort_keys=False) + "\n").encode())
 
 
 def chunk_stats(records: Iterable[tuple[Record, str]]) -> dict:

@@ -7,7 +7,9 @@ calls) → ``finalize``. ``prepare`` runs the three serially. A chunk's outputs 
     parts/{chunk_id}.quarantine.jsonl       its rejected records
     parts/{chunk_id}.json                   summary: settings fingerprint, shards with sha256, statistics
 
-and a chunk whose summary matches the settings and whose shards verify is skipped on rerun.
+and a chunk whose summary matches the settings and whose shards verify is skipped on rerun. Every file is
+written whole or not at all (`data_prep.files.write_atomic`), so a run that fails, as on a full disk, keeps
+the chunks it finished and a rerun resumes from them.
 """
 
 from __future__ import annotations
@@ -15,17 +17,23 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import warnings
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from data_prep import manifest
-from data_prep.config import DataConfig
-from data_prep.readers import detect_format, plan_records, read_records
+from data_prep.config import DataConfig, DataWarning
+from data_prep.files import write_atomic
+from data_prep.readers import check_source, detect_format, plan_records, read_records
 from data_prep.shards import write_shard
 from data_prep.split import split_of
 from data_prep.validate import Record, Rejected, StrictModeError, check
 from matris.io import file_sha256
+
+
+class EmptyDatasetError(ValueError):
+    """No structure was accepted for training: the inputs are empty or every record was rejected."""
 
 
 @dataclass(frozen=True)
@@ -59,13 +67,11 @@ class ChunkResult:
 
 
 def plan_chunks(config: DataConfig) -> list[Chunk]:
-    """Split each source into record ranges of ``shard_size``: a chunk writes at most one shard per split."""
-    if len(set(config.sources)) != len(config.sources):
-        raise ValueError("a source file is listed twice")
+    """Split each source into record ranges of ``shard_size``: a chunk writes at most one shard per split.
+    A source that is missing or a directory is an error naming it (`data_prep.readers.check_source`)."""
     chunks = []
     for source in config.sources:
-        if not Path(source).exists():
-            raise FileNotFoundError(f"input file not found: {source}")
+        check_source(Path(source))
         fmt = detect_format(Path(source), config.format)
         for start, stop, offset in plan_records(Path(source), fmt, config.shard_size):
             chunks.append(Chunk(str(source), fmt, start, stop, offset))
@@ -144,9 +150,7 @@ def write_chunk(chunk: Chunk, config: DataConfig, out_dir: Path) -> ChunkResult:
             entry = write_shard(path, records[k : k + config.shard_size], split, chunk.source, config.cutoff)
             shards.append({**entry, "file": f"shards/{path.name}"})
     stats = manifest.chunk_stats((r, split) for split, records in by_split.items() for r in records)
-    tmp = quarantine_path.with_name(quarantine_path.name + ".tmp")
-    tmp.write_text("".join(json.dumps(line) + "\n" for line in rejected))
-    tmp.replace(quarantine_path)
+    write_atomic(quarantine_path, "".join(json.dumps(line) + "\n" for line in rejected).encode())
     n_structures = sum(len(records) for records in by_split.values())
     summary = {
         "chunk": asdict(chunk),
@@ -160,14 +164,54 @@ def write_chunk(chunk: Chunk, config: DataConfig, out_dir: Path) -> ChunkResult:
     return ChunkResult(chunk, shards, n_structures, len(rejected), json.loads(json.dumps(stats)))
 
 
+def _source_warnings(config: DataConfig, results: list[ChunkResult], quarantine: Path) -> list[str]:
+    """A line for each source that gave no structure: an empty file, or one whose records were all
+    rejected."""
+    counts = {str(source): [0, 0] for source in config.sources}  # accepted, rejected
+    for r in results:
+        count = counts.setdefault(r.chunk.source, [0, 0])
+        count[0] += r.n_structures
+        count[1] += r.n_rejected
+    messages = []
+    for source, (n_accepted, n_rejected) in counts.items():
+        if n_accepted + n_rejected == 0:
+            messages.append(f"{source}: no records (an empty file?); it adds nothing to the dataset")
+        elif n_accepted == 0:
+            which = f"all {n_rejected} records were" if n_rejected > 1 else "its one record was"
+            messages.append(f"{source}: {which} rejected; the reasons are in {quarantine}")
+    return messages
+
+
+def _check_not_empty(config: DataConfig, results: list[ChunkResult], quarantine: Path) -> None:
+    n_train = sum(e["n_structures"] for r in results for e in r.shards if e["split"] == "train")
+    if n_train:
+        return
+    n_val = sum(r.n_structures for r in results)
+    n_rejected = sum(r.n_rejected for r in results)
+    inputs = ", ".join(str(s) for s in config.sources)
+    why = (
+        f"all {n_val} accepted structures fell into the validation split (val_fraction {config.val_fraction})"
+        if n_val
+        else f"no structure was accepted ({n_rejected} records rejected, reasons in {quarantine})"
+    )
+    raise EmptyDatasetError(f"no training structures from {inputs}: {why}")
+
+
 def finalize(out_dir: Path, config: DataConfig, results: list[ChunkResult]) -> dict:
-    """Merge the chunks' quarantine parts and statistics; write ``quarantine.jsonl`` and ``manifest.json``."""
+    """Merge the chunks' quarantine parts and statistics; write ``quarantine.jsonl`` and ``manifest.json``.
+
+    A source that gave no structure is warned about (`DataWarning`) and listed under the manifest's
+    ``warnings``; when no structure is left for training, nothing can be trained on, and this raises
+    `EmptyDatasetError` after writing the quarantine report and before writing the manifest."""
     out_dir = Path(out_dir)
     results = sorted(results, key=lambda r: (str(r.chunk.source), r.chunk.start))
     lines = [_paths(r.chunk, out_dir)[1].read_text() for r in results]
-    tmp = out_dir / "quarantine.jsonl.tmp"
-    tmp.write_text("".join(lines))
-    tmp.replace(out_dir / "quarantine.jsonl")
+    quarantine = out_dir / "quarantine.jsonl"
+    write_atomic(quarantine, "".join(lines).encode())
+    problems = _source_warnings(config, results, quarantine)
+    for message in problems:
+        warnings.warn(message, DataWarning, stacklevel=2)
+    _check_not_empty(config, results, quarantine)
     settings = {
         "cutoff": config.cutoff,
         "three_body_cutoff": config.three_body_cutoff,
@@ -181,6 +225,7 @@ def finalize(out_dir: Path, config: DataConfig, results: list[ChunkResult]) -> d
     data = manifest.build(
         settings, shards, stats, sum(r.n_rejected for r in results), [str(s) for s in config.sources]
     )
+    data["warnings"] = problems
     manifest.write_json(out_dir / "manifest.json", data)
     return data
 

@@ -41,16 +41,16 @@ the data. Rebuilding measured 9.1 ms per structure on CPU in 512-atom batches un
 
 from __future__ import annotations
 
+import hashlib
 import json
-import os
 from collections.abc import Sequence
 from pathlib import Path
 
 import h5py
 import numpy as np
 
+from data_prep.files import write_atomic
 from data_prep.validate import Record
-from matris.io import file_sha256
 
 SCHEMA_VERSION = 3
 CHUNK_ROWS = {"structure": 1024, "atom": 4096, "edge": 16384}
@@ -81,13 +81,17 @@ def _put(f: h5py.File, name: str, data: np.ndarray, kind: str) -> None:
 
 
 def write_shard(path: Path, records: Sequence[Record], split: str, source: str, cutoff: float) -> dict:
-    """Write ``records`` to ``path`` atomically (temp file + ``os.replace``); return its manifest entry."""
+    """Write ``records`` to ``path`` atomically (temp file + ``os.replace``); return its manifest entry.
+
+    The file is built in memory (HDF5's core driver, the same bytes as a file on disk) and written by
+    `write_atomic`: when the disk filled up under HDF5's own writes, its clean-up failed and the process
+    crashed (h5py 3.16, HDF5 2.0); a failed plain write is an OSError naming the shard, and leaves no
+    partial file."""
     tasks = sorted({r.task for r in records})
     n_atoms = np.array([len(r.numbers) for r in records], dtype=np.int64)
     n_edges = np.array([r.edge_index.shape[1] for r in records], dtype=np.int64)
     zeros3 = np.zeros((3, 3))
-    tmp = path.with_name(path.name + ".tmp")
-    with h5py.File(tmp, "w") as f:
+    with h5py.File(f"{path}.in-memory", "w", driver="core", backing_store=False) as f:
         f.attrs.update(
             schema_version=SCHEMA_VERSION,
             split=split,
@@ -127,14 +131,16 @@ def write_shard(path: Path, records: Sequence[Record], split: str, source: str, 
         ids = np.array([str(r.index) for r in records], dtype=h5py.string_dtype())
         _put(f, "record_id", ids, "structure")
         _put(f, "n_triplets", np.array([r.n_triplets for r in records], dtype=np.int64), "structure")
-    os.replace(tmp, path)
+        f.flush()
+        image = f.id.get_file_image()
+    write_atomic(path, image)
     return {
         "file": path.name,
         "split": split,
         "n_structures": len(records),
         "n_atoms": int(n_atoms.sum()),
         "n_edges": int(n_edges.sum()),
-        "sha256": file_sha256(path),
+        "sha256": hashlib.sha256(image).hexdigest(),
     }
 
 

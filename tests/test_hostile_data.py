@@ -1,17 +1,33 @@
-"""data_prep on hostile inputs: broken extxyz framing. Each case is a real file."""
+"""data_prep on hostile inputs: broken extxyz framing, repeated and unreadable inputs, empty datasets and a
+full disk. Each case is a real file; the full disk is a real tmpfs where
+user namespaces allow mounting one, and a failing write otherwise."""
 
 from __future__ import annotations
 
+import errno
 import json
+import re
+import shutil
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
 
-from data_prep import DataConfig, iter_atoms, prepare
+from data_prep import (
+    DataConfig,
+    DataWarning,
+    EmptyDatasetError,
+    iter_atoms,
+    plan_chunks,
+    prepare,
+    write_chunk,
+)
+from data_prep.__main__ import main as cli
 from data_prep.readers import count_records, read_records
 from data_prep.readers import extxyz as extxyz_reader
+from matris.io import file_sha256
 
 ROOT = Path(__file__).resolve().parents[1]
 MOL = 'Properties=species:S:1:pos:R:3:REF_forces:R:3 task=mol REF_energy={e} pbc="F F F"'
@@ -37,6 +53,16 @@ def quarantine(out: Path) -> dict:
 
 def accepted(out: Path) -> dict[int, float]:
     return {a.info["index"]: a.get_potential_energy() for a in iter_atoms(out)}
+
+
+def compact(text: str) -> str:
+    """``text`` without whitespace: the console wraps long paths."""
+    return "".join(text.split())
+
+
+def ours(caught) -> list[str]:
+    """The messages of data_prep's own warnings among those ``pytest.warns`` recorded."""
+    return [str(w.message) for w in caught if issubclass(w.category, DataWarning)]
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
@@ -149,3 +175,175 @@ def test_resynchronised_frames_chunk_like_the_whole_file(tmp_path):
             for i, a in read_records(path, start=start, stop=start + every, offset=offset):
                 chunked.append(described((i, a)))
         assert chunked == whole
+
+
+def test_one_file_under_two_spellings_is_read_once(tmp_path):
+    folder = tmp_path / "x"
+    folder.mkdir()
+    path = folder / "good.extxyz"
+    path.write_text(good(0) + good(1) + good(2))
+    (tmp_path / "link.extxyz").symlink_to(path)
+    spellings = [path, folder / ".." / "x" / "good.extxyz", tmp_path / "link.extxyz", path]
+    with pytest.warns(DataWarning) as caught:
+        config = DataConfig(sources=spellings, val_fraction=0.0)
+    assert config.sources == [path]
+    messages = ours(caught)
+    assert len(messages) == 3
+    for spelling, message in zip(spellings[1:], messages, strict=True):
+        assert str(spelling) in message and str(path) in message
+    manifest = prepare(config, tmp_path / "out")
+    assert manifest["sources"] == [str(path)]
+    assert manifest["n_structures"] == 3 and len(manifest["shards"]) == 1
+    with warnings.catch_warnings():  # the deduplicated config validates again (a Parsl worker) silently
+        warnings.simplefilter("error")
+        assert DataConfig.model_validate(config.model_dump(mode="json")) == config
+
+
+@pytest.mark.parametrize("name", ["folder", "folder.extxyz"])
+def test_directory_input_is_a_clear_error(tmp_path, capsys, name):
+    folder = tmp_path / name
+    folder.mkdir()
+    (folder / "a.extxyz").write_text(good(0))
+    with pytest.raises(IsADirectoryError, match=re.escape(f"{folder} is a directory; give the files in it")):
+        plan_chunks(DataConfig(sources=[folder]))
+    assert cli([str(folder), "--out", str(tmp_path / "out")]) == 1
+    err = capsys.readouterr().err
+    assert compact(f"{folder} is a directory; give the files in it") in compact(err)
+    assert "Traceback" not in err
+
+
+def test_missing_input_is_a_clear_error(tmp_path, capsys):
+    missing = tmp_path / "nowhere.extxyz"
+    with pytest.raises(FileNotFoundError, match=re.escape(f"input file not found: {missing}")):
+        plan_chunks(DataConfig(sources=[missing]))
+    assert cli([str(missing), "--out", str(tmp_path / "out")]) == 1
+    assert compact(f"input file not found: {missing}") in compact(capsys.readouterr().err)
+
+
+def test_empty_and_all_rejected_inputs_warn(tmp_path):
+    empty = tmp_path / "empty.extxyz"
+    empty.write_text("")
+    rejected = tmp_path / "rejected.extxyz"
+    rejected.write_text(frame(HYDROGEN, float("nan")) + frame([], -1.0))
+    fine = tmp_path / "fine.extxyz"
+    fine.write_text(good(0) + good(1))
+    with pytest.warns(DataWarning) as caught:
+        manifest = prepare(DataConfig(sources=[empty, rejected, fine], val_fraction=0.0), tmp_path / "out")
+    messages = ours(caught)
+    assert len(messages) == 2
+    assert str(empty) in messages[0] and "no records" in messages[0]
+    assert str(rejected) in messages[1] and "all 2 records were rejected" in messages[1]
+    assert manifest["warnings"] == messages
+    assert manifest["n_structures"] == 2
+
+
+def test_no_training_structures_is_an_error(tmp_path, capsys):
+    empty = tmp_path / "empty.extxyz"
+    empty.write_text("\n\n")
+    rejected = tmp_path / "rejected.extxyz"
+    rejected.write_text(frame(HYDROGEN, float("nan")))
+    out = tmp_path / "out"
+    with pytest.warns(DataWarning), pytest.raises(EmptyDatasetError) as caught:
+        prepare(DataConfig(sources=[empty, rejected]), out)
+    message = str(caught.value)
+    assert str(empty) in message and str(rejected) in message
+    assert str(out / "quarantine.jsonl") in message
+    assert (out / "quarantine.jsonl").exists() and not (out / "manifest.json").exists()
+    with pytest.warns(DataWarning):
+        assert cli([str(empty), str(rejected), "--out", str(tmp_path / "cli")]) == 1
+    err = capsys.readouterr().err
+    assert "no training structures" in " ".join(err.split()) and "Traceback" not in err
+
+
+def test_all_structures_held_out_is_an_error(tmp_path):
+    path = tmp_path / "one.extxyz"
+    path.write_text(good(0))
+    with pytest.raises(EmptyDatasetError, match="validation split"):
+        prepare(DataConfig(sources=[path], val_fraction=0.999), tmp_path / "out")
+
+
+def molecules(n: int) -> str:
+    return "".join(good(k) for k in range(n))
+
+
+def shard_files(out: Path) -> dict[str, str]:
+    return {p.name: file_sha256(p) for p in sorted((out / "shards").glob("*"))}
+
+
+def verified_chunks(out: Path) -> list[dict]:
+    """The chunk summaries whose shards all verify (what a rerun keeps)."""
+    kept = []
+    for path in sorted((out / "parts").glob("*.json")):
+        summary = json.loads(path.read_text())
+        if all(file_sha256(out / e["file"]) == e["sha256"] for e in summary["shards"]):
+            kept.append(summary)
+    return kept
+
+
+def test_full_disk_keeps_verified_shards_and_names_the_shard(tmp_path, monkeypatch):
+    """The third chunk's shard write fails with ENOSPC half way through: the error names the shard and the
+    cause, no partial shard remains, the two finished chunks are kept and a rerun reuses them."""
+    path = tmp_path / "mols.extxyz"
+    path.write_text(molecules(120))
+    config = DataConfig(sources=[path], shard_size=40, val_fraction=0.0)
+    chunks = plan_chunks(config)
+    out = tmp_path / "out"
+    write_bytes = Path.write_bytes
+
+    def full_disk(self: Path, data: bytes) -> int:
+        if self.name.endswith(".h5.tmp") and chunks[2].chunk_id in self.name:
+            write_bytes(self, data[: len(data) // 2])
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return write_bytes(self, data)
+
+    monkeypatch.setattr(Path, "write_bytes", full_disk)
+    with pytest.raises(OSError, match="No space left on device") as caught:
+        prepare(config, out)
+    assert caught.value.errno == errno.ENOSPC
+    assert f"{chunks[2].chunk_id}-train-000.h5" in str(caught.value)
+    assert not list(out.rglob("*.tmp"))
+    assert not list((out / "shards").glob(f"{chunks[2].chunk_id}*"))
+    assert len(verified_chunks(out)) == 2
+    before = shard_files(out)
+    monkeypatch.undo()
+    results = [write_chunk(c, config, out) for c in chunks]
+    assert [r.reused for r in results] == [True, True, False]
+    assert {name: sha for name, sha in shard_files(out).items() if name in before} == before
+
+
+def can_mount_tmpfs() -> bool:
+    if shutil.which("unshare") is None:
+        return False
+    command = ["unshare", "--user", "--map-root-user", "--mount", "mount", "-t", "tmpfs", "tmpfs", "/mnt"]
+    return subprocess.run(command, capture_output=True).returncode == 0
+
+
+@pytest.mark.skipif(not can_mount_tmpfs(), reason="no unprivileged user namespace to mount a small tmpfs in")
+def test_full_disk_on_a_real_small_filesystem(tmp_path):
+    """``python -m data_prep`` writing into a 192 kB tmpfs: it fails with a message naming the shard and
+    ENOSPC (it used to segfault in HDF5's clean-up), and what it left (copied out before the namespace
+    goes) holds no partial file; a rerun with room finishes from the kept chunks."""
+    path = tmp_path / "mols.extxyz"
+    path.write_text(molecules(600))
+    mount, copy = tmp_path / "small", tmp_path / "left"
+    mount.mkdir()
+    script = (
+        f"mount -t tmpfs -o size=192k tmpfs {mount} || exit 99; "
+        f"{sys.executable} -m data_prep {path} --out {mount}/out --shard-size 60 --val-fraction 0 "
+        f"> {tmp_path}/stdout 2> {tmp_path}/stderr; echo $? > {tmp_path}/rc; cp -a {mount}/out {copy}"
+    )
+    namespace = ["unshare", "--user", "--map-root-user", "--mount"]
+    subprocess.run([*namespace, "sh", "-c", script], cwd=ROOT, check=True)
+    stderr = (tmp_path / "stderr").read_text()
+    assert (tmp_path / "rc").read_text().strip() == "1", stderr
+    assert "Nospaceleftondevice" in compact(stderr) and f"{mount}/out/shards/mols-" in compact(stderr)
+    assert "Traceback" not in stderr
+    assert not list(copy.rglob("*.tmp"))
+    kept = verified_chunks(copy)
+    assert 0 < len(kept) < 10
+    before = shard_files(copy)
+    config = DataConfig(sources=[path], shard_size=60, val_fraction=0.0)
+    results = [write_chunk(c, config, copy) for c in plan_chunks(config)]
+    assert sum(r.reused for r in results) == len(kept)
+    assert sum(r.n_structures for r in results) == 600
+    assert all(shard_files(copy)[name] == sha for name, sha in before.items() if name in shard_files(copy))

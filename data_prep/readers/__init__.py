@@ -46,13 +46,25 @@ def detect_format(path: Path, fmt: str = "auto") -> str:
     raise ValueError(f"cannot tell the format of {path} from its extension; pass --format")
 
 
+def check_source(path: Path) -> None:
+    """Raise, naming ``path``, unless it is an existing file. A directory is an error rather than read as
+    the files in it: which of them are data, and in which format, is the caller's to say."""
+    path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"input {path} is a directory; give the files in it (e.g. {path}/*.extxyz)")
+    if not path.exists():
+        raise FileNotFoundError(f"input file not found: {path}")
+
+
 def count_records(path: Path, fmt: str = "auto") -> int:
+    check_source(path)
     return READERS[detect_format(path, fmt)].count(Path(path))
 
 
 def plan_records(path: Path, fmt: str, every: int) -> list[tuple[int, int, int | None]]:
     """``(start, stop, offset)`` of consecutive ranges of ``every`` records; ``offset`` is None where the
     format has no byte offsets."""
+    check_source(path)
     reader = READERS[detect_format(path, fmt)]
     if hasattr(reader, "offsets"):
         n, marks = reader.offsets(Path(path), every)

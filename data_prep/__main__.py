@@ -30,6 +30,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--val-fraction", type=float, default=0.1)
     parser.add_argument("--shard-size", type=int, default=1000, help="structures per shard")
     parser.add_argument(
+        "--max-volume-per-atom",
+        type=float,
+        default=1000.0,
+        help="reject fully periodic cells with more volume per atom, Å³ (0: no bound)",
+    )
+    parser.add_argument(
+        "--keep-isolated-atoms",
+        action="store_true",
+        help="accept structures with an atom that has no neighbour within the cutoff",
+    )
+    parser.add_argument(
         "--default-task", default=None, help="task of records without one (default: file stem)"
     )
     return parser.parse_args(argv)
@@ -48,6 +59,8 @@ def main(argv: list[str] | None = None) -> int:
             val_fraction=args.val_fraction,
             shard_size=args.shard_size,
             default_task=args.default_task,
+            max_volume_per_atom=args.max_volume_per_atom or None,
+            reject_isolated_atoms=not args.keep_isolated_atoms,
         )
     except ValidationError as error:
         console.print(f"[red]invalid settings:[/red] {error}")

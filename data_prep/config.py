@@ -26,6 +26,14 @@ class DataConfig(BaseModel):
 
     Sources are files; one file under two spellings (``x/a.xyz``, ``x/../x/a.xyz``, a symlink) is read
     once, by its first spelling, with a `DataWarning`.
+
+    Physical bounds, beyond ``min_distance``: ``max_volume_per_atom`` (Å³, fully periodic cells only; None
+    switches it off) rejects cells far emptier than any condensed phase (the bundled crystals reach 137
+    Å³/atom, an ideal gas at room temperature and 1 bar ~41,000), which in training data means a cell in
+    the wrong unit or a molecule in a box that should be given as non-periodic. ``reject_isolated_atoms``
+    rejects a structure with an atom that has no neighbour within ``cutoff``: the model sees such an atom
+    as its element alone, so its forces and its share of the energy cannot be learnt, and it usually means
+    coordinates in the wrong unit, an exploded geometry or a stray atom.
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -35,6 +43,8 @@ class DataConfig(BaseModel):
     cutoff: float = 6.0
     three_body_cutoff: float = 4.0
     min_distance: float = 0.5
+    max_volume_per_atom: float | None = 1000.0
+    reject_isolated_atoms: bool = True
     val_fraction: float = 0.1
     shard_size: int = 1000
     strict: bool = False
@@ -77,6 +87,13 @@ class DataConfig(BaseModel):
     def _non_negative(cls, value: float) -> float:
         if value < 0:
             raise ValueError(f"min_distance must be >= 0, got {value}")
+        return value
+
+    @field_validator("max_volume_per_atom")
+    @classmethod
+    def _positive_volume(cls, value: float | None) -> float | None:
+        if value is not None and not value > 0:
+            raise ValueError(f"max_volume_per_atom must be positive (Å³) or null (no bound), got {value}")
         return value
 
     @field_validator("val_fraction")

@@ -216,6 +216,8 @@ def finalize(out_dir: Path, config: DataConfig, results: list[ChunkResult]) -> d
         "cutoff": config.cutoff,
         "three_body_cutoff": config.three_body_cutoff,
         "min_distance": config.min_distance,
+        "max_volume_per_atom": config.max_volume_per_atom,
+        "reject_isolated_atoms": config.reject_isolated_atoms,
         "val_fraction": config.val_fraction,
         "shard_size": config.shard_size,
         "fingerprint": config.fingerprint(),

@@ -1,9 +1,11 @@
 """Turn one reader record into a checked ``Record`` with its neighbour graph, or reject it naming a field.
 
 Checks: known elements (Z in 1..118), finite positions, cell and labels, label shapes, required labels
-(energy and forces; stress and magmoms are optional), and no two atoms closer than ``min_distance``. The
-distance check reuses the cutoff neighbour list (``matris.graph``), so it costs no extra pair search. Stress
-is kept only for fully periodic structures, where it is defined.
+(energy and forces; stress and magmoms are optional), no two atoms closer than ``min_distance``, a fully
+periodic cell no emptier than ``max_volume_per_atom`` and no atom without a neighbour within ``cutoff``
+(``reject_isolated_atoms``; `DataConfig` says why). The distance and neighbour checks reuse the cutoff
+neighbour list (``matris.graph``), so they cost no extra pair search. Stress is kept only for fully periodic
+structures, where it is defined.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 from ase import Atoms
+from ase.data import chemical_symbols
 from ase.stress import voigt_6_to_full_3x3_stress
 
 from data_prep.config import DataConfig
@@ -112,6 +115,14 @@ def check(atoms: Atoms, source: str, index: int | str, config: DataConfig) -> Re
     positions = _array(atoms.positions, (n, 3), "positions")
     cell = _array(atoms.cell.array, (3, 3), "cell")
     pbc = np.asarray(atoms.pbc, dtype=bool).reshape(3)
+    if config.max_volume_per_atom is not None and pbc.all():
+        volume = abs(float(np.linalg.det(cell)))
+        if volume / n > config.max_volume_per_atom:
+            raise Rejected(
+                "cell",
+                f"volume per atom {volume / n:.3g} Å³ above max_volume_per_atom "
+                f"{config.max_volume_per_atom:g} Å³ ({n} atoms in {volume:.3g} Å³)",
+            )
 
     energy_value = _lookup(atoms, atoms.info, config.energy_key, "energy")
     energy = _scalar(energy_value, "energy")
@@ -139,6 +150,15 @@ def check(atoms: Atoms, source: str, index: int | str, config: DataConfig) -> Re
             f"atoms {int(i)} and {int(j)} are {distance[closest]:.3f} Å apart "
             f"(min_distance {config.min_distance} Å)",
         )
+    if config.reject_isolated_atoms:
+        isolated = np.flatnonzero(np.bincount(edge_index[0], minlength=n) == 0)
+        if isolated.size:
+            first = int(isolated[0])
+            raise Rejected(
+                "positions",
+                f"atom {first} ({chemical_symbols[numbers[first]]}) has no neighbour within the cutoff "
+                f"{config.cutoff} Å ({isolated.size} of {n} atoms isolated; reject_isolated_atoms)",
+            )
     return Record(
         source=source,
         index=index,

@@ -1,5 +1,5 @@
-"""data_prep on hostile inputs: broken extxyz framing, repeated and unreadable inputs, empty datasets and a
-full disk. Each case is a real file; the full disk is a real tmpfs where
+"""data_prep on hostile inputs: broken extxyz framing, repeated and unreadable inputs, empty datasets, a
+full disk and physically absurd structures. Each case is a real file; the full disk is a real tmpfs where
 user namespaces allow mounting one, and a failing write otherwise."""
 
 from __future__ import annotations
@@ -13,7 +13,9 @@ import sys
 import warnings
 from pathlib import Path
 
+import numpy as np
 import pytest
+from pydantic import ValidationError
 
 from data_prep import (
     DataConfig,
@@ -347,3 +349,39 @@ def test_full_disk_on_a_real_small_filesystem(tmp_path):
     assert sum(r.reused for r in results) == len(kept)
     assert sum(r.n_structures for r in results) == 600
     assert all(shard_files(copy)[name] == sha for name, sha in before.items() if name in shard_files(copy))
+
+
+PERIODIC = 'Lattice="{a} 0 0 0 {a} 0 0 0 {a}" ' + MOL.replace('"F F F"', '"T T T"').replace("{e}", "{{e}}")
+
+
+def test_absurd_density_and_isolated_atoms_are_quarantined(tmp_path):
+    cluster = [f"Ar {x} {y} {z} 0 0 0" for x in (0, 3.8) for y in (0, 3.8) for z in (0, 3.8)]
+    path = tmp_path / "sparse.extxyz"
+    path.write_text(
+        good(0)
+        + frame(["Ar 0 0 0 0 0 0", "Ar 3.8 0 0 0 0 0"], -2.0, comment=PERIODIC.format(a=100))  # 1: 5e5 Å³
+        + frame([*HYDROGEN, "O 0 0 20 0 0 0"], -3.0)  # 2: an O atom 19 Å from the H2 molecule
+        + frame(["He 0 0 0 0 0 0"], -4.0)  # 3: a lone atom
+        + frame([*cluster, "Ar 10 10 10 0 0 0"], -5.0, comment=PERIODIC.format(a=20))  # 4: 889 Å³/atom
+        + frame(["Cu 0 0 0 0 0 0"], -6.0, comment=PERIODIC.format(a=2.5))  # 5: one atom, its images near
+    )
+    out = tmp_path / "out"
+    prepare(DataConfig(sources=[path], val_fraction=0.0), out)
+    rejected = quarantine(out)
+    assert sorted(rejected) == [1, 2, 3, 4]
+    assert rejected[1]["field"] == "cell"
+    assert "volume per atom 5e+05 Å³ above max_volume_per_atom 1000 Å³" in rejected[1]["reason"]
+    for index, atom in ((2, "atom 2 (O)"), (3, "atom 0 (He)"), (4, "atom 8 (Ar)")):
+        assert rejected[index]["field"] == "positions"
+        assert f"{atom} has no neighbour within the cutoff 6.0 Å" in rejected[index]["reason"]
+    assert sorted(accepted(out)) == [0, 5]
+    relaxed = DataConfig(
+        sources=[path], val_fraction=0.0, max_volume_per_atom=None, reject_isolated_atoms=False
+    )
+    assert prepare(relaxed, tmp_path / "relaxed")["n_structures"] == 6
+
+
+def test_density_bound_is_validated():
+    with pytest.raises(ValidationError, match="max_volume_per_atom"):
+        DataConfig(sources=[Path("a.extxyz")], max_volume_per_atom=0.0)
+    assert np.isclose(DataConfig(sources=[Path("a.extxyz")]).max_volume_per_atom, 1000.0)

@@ -181,9 +181,9 @@ class Trainer:
         return {"ema": self.ema.state_dict()} if self.ema is not None else {}
 
     def resume(self) -> int:
-        previous = checkpoint.latest(self.ckpt_root)
-        if previous is not None:
-            state = checkpoint.load(previous, self.model, self.optimizer, self._extra())
+        found = checkpoint.resume(self.ckpt_root, self.model, self.optimizer, self._extra())
+        if found is not None:
+            previous, state = found
             self.scheduler.load_state_dict(state["scheduler"])
             self.start = state["step"]
             self.clock.resume(state.get("elapsed_s", 0.0))
@@ -438,7 +438,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         train(cfg, env)
         dist.barrier()  # no rank tears the group down while another is still in a collective (gloo aborts)
-    except (ConfigError, LayoutError) as err:
+    except (ConfigError, LayoutError, checkpoint.CheckpointError) as err:
         print(f"janus.train: {err}", file=sys.stderr)
         return 2
     finally:

@@ -8,10 +8,14 @@
 
 Reads the newest complete checkpoint directory (one holding ``train_state.json``) written by
 `janus.checkpoint`: torch.distributed.checkpoint shards under the ``model.`` prefix plus
-``model_config.json``. DCP reloads any number of shards into one process, so this needs no process group
-and no janus import. The file is written atomically and records its provenance (checkpoint, step, world
-size, seed, sha256 of the data manifest, git commit, date, versions) and the element vocabulary of the
-training data, so a model found on disk can be traced back to the run and data that made it.
+``model_config.json``. DCP reloads any number of shards into one process, so this needs no process group.
+The checkpoint must match its checksums (`janus.checkpoint.verify`); one that does not is refused with an
+error naming the file, not passed over for an older one, so a model file is never silently older than
+its run: move the bad checkpoint aside and rerun the training, which resumes from the newest intact one
+(or export an intact ``step_*`` directory by name). The file is written atomically and records its
+provenance (checkpoint, step, world size, seed, sha256 of the data manifest, git commit, date, versions)
+and the element vocabulary of the training data, so a model found on disk can be traced back to the run
+and data that made it.
 ``--keep-elements`` prunes the MoE experts those elements cannot reach (`matris.prune`); ``--deploy``
 also writes the torch.export inference artifact for MD codes (`matris.deploy`).
 """
@@ -22,7 +26,6 @@ import argparse
 import datetime
 import json
 import os
-import re
 import subprocess
 import sys
 import warnings
@@ -33,27 +36,28 @@ from typing import Any
 import torch
 import torch.distributed.checkpoint as dcp
 
+from janus.checkpoint import STATE_FILE, STEP_DIR, latest, read_train_state, verify
 from matris.config import ModelConfig
 from matris.io import file_sha256, load, metadata, read_header, save
 from matris.model import MatRIS
 from matris.prune import parse_elements, prune_elements
 
-STEP_DIR = re.compile(r"^step_(\d+)$")
 BEST_WEIGHTS_FILE = "best_model.safetensors"  # beside the checkpoints folder, kept by janus.validation
 
 
 def newest_checkpoint(root: Path) -> Path:
     root = Path(root)
-    if STEP_DIR.match(root.name) and (root / "train_state.json").is_file():
+    if STEP_DIR.match(root.name) and (root / STATE_FILE).is_file():
         return root
-    done = [p for p in root.glob("step_*") if STEP_DIR.match(p.name) and (p / "train_state.json").is_file()]
-    if not done:
-        raise FileNotFoundError(f"no complete checkpoint (step_*/train_state.json) under {root}")
-    return max(done, key=lambda p: int(STEP_DIR.match(p.name).group(1)))
+    newest = latest(root)
+    if newest is None:
+        raise FileNotFoundError(f"no complete checkpoint (step_*/{STATE_FILE}) under {root}")
+    return newest
 
 
 def consolidate(checkpoint: Path) -> MatRIS:
-    """The unsharded model held by one checkpoint directory."""
+    """The unsharded model held by one checkpoint directory, which must match its checksums."""
+    verify(checkpoint)
     config = ModelConfig.model_validate_json((checkpoint / "model_config.json").read_text())
     model = MatRIS(config)
     state = {"model": model.state_dict()}
@@ -77,7 +81,8 @@ def export_checkpoint(
     the manifest whose sha256 and element vocabulary are recorded.
     """
     checkpoint = newest_checkpoint(root)
-    train_state = json.loads((checkpoint / "train_state.json").read_text())
+    verify(checkpoint)
+    train_state = read_train_state(checkpoint)
     model, weights = _chosen_weights(checkpoint, train_state["step"])
     manifest = _find_manifest(checkpoint, data_dir)
     provenance = {

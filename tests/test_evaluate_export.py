@@ -28,6 +28,7 @@ from safetensors.torch import load_file, save_file
 
 import matris
 from data_prep import DataConfig, iter_atoms, prepare
+from janus.checkpoint import write_checksums
 from matris.calculator import MatRISCalculator
 from matris.config import ModelConfig
 from matris.deploy import DeployedCalculator, load_artifact, write_artifact
@@ -169,13 +170,14 @@ def test_metrics_equal_an_independent_calculation(data_dir, model_file, tmp_path
 
 
 def write_checkpoint(run: Path, model: MatRIS, step: int) -> Path:
-    """A janus-layout checkpoint written by torch.distributed.checkpoint in one process."""
+    """A janus-layout checkpoint written by torch.distributed.checkpoint in one process, with checksums."""
     checkpoint = run / "train" / "checkpoints" / f"step_{step:09d}"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # no process group: DCP says so and writes one shard
         dcp.save({"model": model.state_dict()}, checkpoint_id=str(checkpoint))
     (checkpoint / "model_config.json").write_text(model.config.model_dump_json())
     (checkpoint / "train_state.json").write_text(json.dumps({"step": step, "world_size": 4, "seed": 7}))
+    write_checksums(checkpoint)
     return checkpoint
 
 

@@ -1,7 +1,10 @@
 """Self-contained model files: one ``.safetensors`` with the config, tasks and metadata in its header.
 
-The header also carries a sha256 of the tensor payload (names, dtypes, shapes and bytes in name order),
-checked at load, so a truncated or altered file is refused instead of silently giving wrong energies.
+The header also carries a sha256 of everything else in the file: every other header field (format,
+version, config, tasks, reference energies, user metadata) and the tensors (names, dtypes, shapes and
+bytes in name order). It is checked at load, so a truncated or altered file, a one-byte edit of the config
+included, is refused instead of silently giving wrong energies. Version 1 files hashed the tensors only
+and are refused with the command that re-exports them.
 Besides the config it holds the per-task per-element reference energies in readable form, so a user can
 see what a file contains without loading it (``python -m matris.export --show FILE``). A model pruned to
 some elements (`matris.prune`) carries an ``allowed_elements`` tensor; ``load`` turns it back into a guard
@@ -26,7 +29,9 @@ from matris.model import MatRIS
 from matris.prune import ALLOWED, restrict_elements
 
 FORMAT = "matris"
-VERSION = "1"
+VERSION = "2"
+DIGEST = "sha256"
+UNVERIFIABLE = {"1": "its checksum covers the tensors but not the config"}
 
 
 def file_sha256(path: Path) -> str:
@@ -35,8 +40,11 @@ def file_sha256(path: Path) -> str:
         return hashlib.file_digest(fh, "sha256").hexdigest()
 
 
-def _digest(tensors: dict[str, torch.Tensor]) -> str:
+def _digest(header: dict[str, str], tensors: dict[str, torch.Tensor]) -> str:
+    """sha256 of the header fields but the digest itself (as sorted JSON) and of the tensors."""
     sha = hashlib.sha256()
+    sha.update(json.dumps({k: v for k, v in header.items() if k != DIGEST}, sort_keys=True).encode())
+    sha.update(b"\0")
     for name in sorted(tensors):
         t = tensors[name].contiguous()
         sha.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
@@ -56,8 +64,8 @@ def save(model: MatRIS, path: str | Path, metadata: dict[str, Any] | None = None
         "reference_energy": json.dumps(model.reference_energy.tolist()),
         "reference_energies": json.dumps(reference_energies(model)),
         "metadata": json.dumps(metadata or {}),
-        "sha256": _digest(tensors),
     }
+    header[DIGEST] = _digest(header, tensors)
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file(tensors, path, metadata=header)
     return path
@@ -82,15 +90,22 @@ def load(path: str | Path, device: str | torch.device = "cpu") -> MatRIS:
     meta = read_header(path)
     if meta.get("format") != FORMAT:
         raise ValueError(f"{path} is not a MatRIS model file (format {meta.get('format')!r})")
-    if meta.get("version") != VERSION:
-        raise ValueError(f"{path} has model file version {meta.get('version')!r}; this code reads {VERSION}")
+    version = meta.get("version")
+    if version in UNVERIFIABLE:
+        raise ValueError(
+            f"{path} was written by an older version of matris (model file version {version!r}: "
+            f"{UNVERIFIABLE[version]}); re-export it with `python -m matris.export --checkpoint "
+            f"RUN/train/checkpoints --out {path}`"
+        )
+    if version != VERSION:
+        raise ValueError(f"{path} has model file version {version!r}; this code reads {VERSION}")
     try:
         config = ModelConfig.model_validate_json(meta["config"])
         tensors = load_file(path)
     except (KeyError, ValidationError, SafetensorError) as e:
         raise ValueError(f"{path} is corrupted or incompatible: {e}") from e
-    if _digest(tensors) != meta.get("sha256"):
-        raise ValueError(f"{path} is corrupted: tensor checksum does not match the header")
+    if _digest(meta, tensors) != meta.get(DIGEST):
+        raise ValueError(f"{path} is corrupted: its {DIGEST} does not match its header fields and tensors")
     dtype = next(t.dtype for t in tensors.values() if t.is_floating_point())
     allowed = tensors.pop(ALLOWED, None)
     model = MatRIS(config).to(dtype)

@@ -223,7 +223,7 @@ def test_load_refuses_corrupted_and_incompatible_files(model_file, tmp_path):
 
     tensors, header = load_file(model_file), read_header(model_file)
     save_file(tensors, tmp_path / "future.safetensors", metadata={**header, "version": "99"})
-    with pytest.raises(ValueError, match="version '99'; this code reads 1"):
+    with pytest.raises(ValueError, match="version '99'; this code reads 2"):
         matris.load(tmp_path / "future.safetensors")
 
     config = {**json.loads(header["config"]), "attention": "flash"}  # a field this code does not know

@@ -2,7 +2,8 @@
 `python -m janus.train` on a gloo process group, and safetensors model files.
 
 A checkpoint carries the sha256 of each of its files; resume refuses one that does not match, falls back
-to the newest intact one and says so, and pruning never removes the last intact one.
+to the newest intact one and says so, and pruning never removes the last intact one. A model file's
+digest covers its header (config, tasks, reference energies, version, metadata) as well as its tensors.
 """
 
 from __future__ import annotations
@@ -19,8 +20,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
+from safetensors.torch import load_file, save_file
 
+import matris
 from janus import checkpoint
+from matris.io import read_header
 from tests.test_janus import ROOT, SAMPLE, config
 
 STEPS = 4  # the trained run checkpoints every step and keeps three: step_2, step_3, step_4
@@ -240,3 +245,64 @@ def test_export_refuses_a_checkpoint_that_fails_verification(trained, tmp_path, 
         export_checkpoint(run / "checkpoints", out, trained["data"])
     assert not out.exists()
     assert export_checkpoint(run / "checkpoints" / "step_000000003", out, trained["data"])["step"] == 3
+
+
+# -- model files -----------------------------------------------------------------------------------------
+
+
+def energy(model: matris.MatRIS) -> float:
+    from ase.build import bulk
+
+    from matris.calculator import MatRISCalculator
+
+    atoms = bulk("Cu", "fcc", a=3.6)
+    atoms.calc = MatRISCalculator(model, task=model.config.tasks[0])
+    return atoms.get_potential_energy()
+
+
+@pytest.fixture
+def model_file(tmp_path) -> Path:
+    torch.manual_seed(0)
+    model = matris.MatRIS(matris.ModelConfig.from_preset("tiny", tasks=["crystal-pbe", "molecule-gfn2"]))
+    model.set_reference_energies({"crystal-pbe": {"29": -3.7}, "molecule-gfn2": {"1": -13.6}})
+    return matris.save(model.eval(), tmp_path / "model.safetensors", {"step": 7})
+
+
+def test_a_byte_of_the_header_config_changes_the_digest(model_file, tmp_path):
+    """``score_cap`` 5.0 edited to 3.0 in place: the energy would change, so the file is refused."""
+    data = model_file.read_bytes()
+    field = b'\\"score_cap\\":5.0'
+    assert data.count(field) == 1
+    edited = tmp_path / "edited.safetensors"
+    edited.write_bytes(data.replace(field, field.replace(b"5.0", b"3.0")))
+    header = read_header(edited)
+    assert json.loads(header["config"])["score_cap"] == 3.0
+    with pytest.raises(ValueError, match=rf"{re.escape(str(edited))} is corrupted"):
+        matris.load(edited)
+    config = matris.ModelConfig.model_validate_json(header["config"])
+    model = matris.load(model_file)
+    unchecked = matris.MatRIS(config)
+    unchecked.load_state_dict(model.state_dict())
+    assert energy(unchecked.eval()) != pytest.approx(energy(model), abs=1e-6)  # why it must be refused
+
+
+@pytest.mark.parametrize("key", ["tasks", "reference_energy", "reference_energies", "metadata"])
+def test_every_header_field_is_covered_by_the_digest(model_file, tmp_path, key):
+    tensors, header = load_file(model_file), read_header(model_file)
+    value = json.loads(header[key])
+    changed = value[::-1] if isinstance(value, list) else {**value, "extra": 1}
+    assert changed != value
+    path = tmp_path / "changed.safetensors"
+    save_file(tensors, path, metadata={**header, key: json.dumps(changed)})
+    with pytest.raises(ValueError, match=rf"{re.escape(str(path))} is corrupted"):
+        matris.load(path)
+
+
+def test_an_older_model_file_is_refused_with_the_re_export_command(model_file, tmp_path):
+    tensors, header = load_file(model_file), read_header(model_file)
+    old = tmp_path / "old.safetensors"
+    save_file(tensors, old, metadata={**header, "version": "1"})
+    with pytest.raises(
+        ValueError, match=rf"{re.escape(str(old))} was written by an older version.*python -m matris\.export"
+    ):
+        matris.load(old)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 from pydantic import ValidationError
@@ -12,7 +14,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from data_prep.config import DataConfig
+from data_prep.config import DataConfig, DataWarning
 from data_prep.pipeline import finalize, plan_chunks, write_chunk
 from data_prep.validate import StrictModeError
 
@@ -46,9 +48,28 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def warning_printer(console: Console, default: Callable) -> Callable:
+    """``warnings.showwarning`` that prints a `DataWarning` as one line on the console (the default shows
+    the source line that raised it, which is no use here) and leaves other warnings to ``default``."""
+
+    def show(message, category, filename, lineno, file=None, line=None) -> None:
+        if issubclass(category, DataWarning):
+            console.print(f"[yellow]warning:[/yellow] {escape(str(message))}", soft_wrap=True)
+        else:
+            default(message, category, filename, lineno, file, line)
+
+    return show
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     console = Console(stderr=True)
+    with warnings.catch_warnings():
+        warnings.showwarning = warning_printer(console, warnings.showwarning)
+        return run(args, console)
+
+
+def run(args: argparse.Namespace, console: Console) -> int:
     try:
         config = DataConfig(
             sources=args.inputs,

@@ -132,11 +132,12 @@ def data_complete(data_dir: Path) -> bool:
 
 
 def train_complete(train_dir: Path, steps: int) -> bool:
-    """The newest checkpoint reached ``steps`` or spent ``train.time_budget_s``."""
-    from janus.checkpoint import latest, read_train_state
+    """The newest checkpoint verifies and reached ``steps`` or spent ``train.time_budget_s`` (a damaged one
+    sends the run back to training, which resumes from the newest intact checkpoint)."""
+    from janus.checkpoint import latest, problem, read_train_state
 
     last = latest(train_dir / "checkpoints")
-    if last is None:
+    if last is None or problem(last) is not None:
         return False
     state = read_train_state(last)
     return state["step"] >= steps or state.get("time_budget_spent", False)

@@ -196,6 +196,9 @@ def wait(futures: dict[str, list], records: dict[str, StageRecord], complete_bef
             return name
         record.start, record.end = _times(futures[name])
         record.outputs = [str(p) for p in outputs[name]]
+        if name == "data":
+            for warning in json.loads((paths.data / "manifest.json").read_text()).get("warnings", []):
+                print(f"parsl-run: data: {warning}", flush=True)
         memoized = all(f.task_record["from_memo"] for f in futures[name])
         if memoized and not verify[name]():
             record.status = "stale"

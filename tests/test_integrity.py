@@ -8,7 +8,6 @@ digest covers its header (config, tasks, reference energies, version, metadata) 
 
 from __future__ import annotations
 
-import gzip
 import json
 import os
 import re
@@ -26,22 +25,10 @@ from safetensors.torch import load_file, save_file
 import matris
 from janus import checkpoint
 from matris.io import read_header
+from tests.test_evaluate_export import frames
 from tests.test_janus import ROOT, SAMPLE, config
 
 STEPS = 4  # the trained run checkpoints every step and keeps three: step_2, step_3, step_4
-
-
-def frames(path: Path, count: int, max_atoms: int) -> str:
-    """The first ``count`` extxyz frames of at most ``max_atoms`` atoms, copied verbatim."""
-    with gzip.open(path, "rt") as f:
-        lines = f.read().splitlines(keepends=True)
-    out, k = [], 0
-    while k < len(lines) and len(out) < count:
-        n = int(lines[k])
-        if n <= max_atoms:
-            out.append("".join(lines[k : k + n + 2]))
-        k += n + 2
-    return "".join(out)
 
 
 def train(cfg: dict[str, Any], folder: Path) -> subprocess.CompletedProcess:

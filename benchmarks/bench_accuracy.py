@@ -280,8 +280,9 @@ def columns() -> list[tuple[str, str, str]]:
 def report(results: dict[str, Any], console: Console) -> list[str]:
     """One table per task; returns the target lines."""
     runs = {name: r for name, r in results["runs"].items() if r}
+    length = f"{results['steps']} steps" if results.get("steps") else f"{results['budget_s']:.0f} s budgets"
     for task in sorted({t for r in runs.values() for t in r["tasks"]}):
-        table = Table(title=f"{task}: held-out errors after {results['budget_s']:.0f} s budgets")
+        table = Table(title=f"{task}: held-out errors after {length}")
         for column in ["model", *(c for c, _, _ in columns()), "training s", "epochs"]:
             table.add_column(column, justify="right" if column != "model" else "left")
         for name, r in runs.items():
@@ -362,6 +363,7 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, Any] = {
         "inputs": [str(p) for p in args.inputs],
         "budget_s": args.budget_s,
+        "steps": args.steps,
         "preset": args.preset,
         "load_average": os.getloadavg()[0],
         "runs": {},

@@ -36,6 +36,7 @@ from janus.parallel import StepContext, all_reduce_sum, all_to_all, exchange, tr
 from matris.batch import Batch
 from matris.graph import StructureGraph
 from matris.properties import inputs as model_inputs
+from matris.properties import stress_from_virial
 
 
 class Halo:
@@ -273,14 +274,6 @@ def predict_sharded(
     if "magmoms" in out:
         pred["magmoms"] = torch.cat([magmoms[m:], packed[step.loss_magmoms]])
     return pred
-
-
-def stress_from_virial(virial: torch.Tensor, batch: Batch) -> torch.Tensor:
-    """(1/V) sym(dE/dε) for periodic cells with volume, zero otherwise (as `matris.properties`)."""
-    volume = torch.linalg.det(batch.cell).abs()
-    periodic = batch.pbc.all(dim=-1) & (volume > 1e-8)
-    scale = torch.where(periodic, 1 / volume.clamp(min=1e-8), torch.zeros_like(volume))
-    return 0.5 * (virial + virial.transpose(1, 2)) * scale[:, None, None]
 
 
 def install_hooks(model: nn.Module, ctx: StepContext) -> None:

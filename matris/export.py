@@ -95,7 +95,7 @@ def export_checkpoint(
         "data_manifest_sha256": file_sha256(manifest) if manifest else None,
         "elements": _elements(model, manifest),
         "trained_elements": {task: sorted(model.trained_elements(task)) for task in model.config.tasks},
-        "git_commit": _git_commit(),
+        "git_commit": source_commit(),
         "exported_at": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "matris_version": _version("matris-janus"),
         "torch_version": torch.__version__,
@@ -197,7 +197,7 @@ def _elements(model: MatRIS, manifest: Path | None) -> list[int]:
     return torch.nonzero(model.reference_energy.abs().sum(0)).flatten().tolist()
 
 
-def _git_commit() -> str | None:
+def source_commit() -> str | None:
     """Commit of the source tree this package runs from, when it is a git checkout."""
     try:
         out = subprocess.run(

@@ -36,12 +36,16 @@ def derivatives(
     if positions.requires_grad:
         out["forces"] = -grads.pop(0)
     if strain.requires_grad:
-        volume = torch.linalg.det(batch.cell).abs()
-        periodic = batch.pbc.all(dim=-1) & (volume > 1e-8)
-        scale = torch.where(periodic, 1 / volume.clamp(min=1e-8), torch.zeros_like(volume))
-        virial = grads.pop(0)
-        out["stress"] = 0.5 * (virial + virial.transpose(1, 2)) * scale[:, None, None]
+        out["stress"] = stress_from_virial(grads.pop(0), batch)
     return out
+
+
+def stress_from_virial(virial: torch.Tensor, batch: Batch) -> torch.Tensor:
+    """(1/V) sym(dE/dε) for periodic cells with volume, zero otherwise."""
+    volume = torch.linalg.det(batch.cell).abs()
+    periodic = batch.pbc.all(dim=-1) & (volume > 1e-8)
+    scale = torch.where(periodic, 1 / volume.clamp(min=1e-8), torch.zeros_like(volume))
+    return 0.5 * (virial + virial.transpose(1, 2)) * scale[:, None, None]
 
 
 def predict(

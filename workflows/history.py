@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import sqlite3
 import statistics
-import subprocess
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -66,14 +65,10 @@ class Verdict:
 
 
 def git_commit() -> str:
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10,
-            cwd=Path(__file__).resolve().parent,
-        )  # fmt: skip
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-    return out.stdout.strip() or "unknown"
+    """The short commit of this source tree, or "unknown" outside a git checkout."""
+    from matris.export import source_commit
+
+    return (source_commit() or "unknown")[:12]
 
 
 class History:

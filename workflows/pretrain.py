@@ -28,18 +28,6 @@ CONFIG = RunConfig
 STAGES = ("data", "train", "export", "evaluate")
 
 
-def janus_config(run: RunConfig, paths: RunPaths) -> dict[str, Any]:
-    """The per-rank training config that `python -m janus.train --config` reads."""
-    return {
-        "model": run.model.model_dump(mode="json"),
-        "loss": run.loss.model_dump(mode="json"),
-        "train": run.train.model_dump(mode="json"),
-        "parallel": run.parallel.model_dump(mode="json"),
-        "data_dir": str(paths.data),
-        "out_dir": str(paths.train),
-    }
-
-
 def fingerprint(*sections: Any) -> str:
     """Cache key of a stage: the config sections its outputs depend on."""
     text = json.dumps(
@@ -107,7 +95,7 @@ def _run(ctx) -> int:
     for folder in (paths.data, paths.train, paths.export, paths.eval):
         folder.mkdir(parents=True, exist_ok=True)
     stages.write_atomic(paths.run_config, yaml.safe_dump(run_cfg.model_dump(mode="json")))
-    stages.write_atomic(paths.janus_config, yaml.safe_dump(janus_config(run_cfg, paths)))
+    stages.write_atomic(paths.janus_config, yaml.safe_dump(run_cfg.janus_config(paths.data, paths.train)))
 
     complete_before = {
         "data": stages.data_complete(paths.data),

@@ -12,7 +12,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from data_prep.config import DataConfig
-from janus.config import ModelChoice, ParallelConfig, TrainConfig, check_layout
+from janus.config import JanusConfig, ModelChoice, ParallelConfig, TrainConfig, check_layout
 from matris.config import LossConfig
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -98,6 +98,24 @@ class RunConfig(Strict):
         if missing:
             raise ValueError(f"data.sources: file(s) not found: {', '.join(missing)}")
         return self
+
+
+    def janus_config(
+        self,
+        data_dir: Path,
+        out_dir: Path,
+        train: TrainConfig | None = None,
+        parallel: ParallelConfig | None = None,
+    ) -> dict[str, Any]:
+        """The per-rank training config that `python -m janus.train --config` reads, validated."""
+        return JanusConfig(
+            model=self.model,
+            loss=self.loss,
+            train=train or self.train,
+            parallel=parallel or self.parallel,
+            data_dir=data_dir,
+            out_dir=out_dir,
+        ).model_dump(mode="json")
 
 
 def defaults() -> dict[str, Any]:

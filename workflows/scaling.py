@@ -127,14 +127,8 @@ def rung_janus_config(cfg: ScalingConfig, rung: Rung, data_dir: Path, out_dir: P
         }
     )
     dp = rung.ranks // (cfg.parallel.graph * cfg.parallel.expert)
-    return {
-        "model": cfg.model.model_dump(mode="json"),
-        "loss": cfg.loss.model_dump(mode="json"),
-        "train": train.model_dump(mode="json"),
-        "parallel": {"dp": dp, "graph": cfg.parallel.graph, "expert": cfg.parallel.expert},
-        "data_dir": str(data_dir),
-        "out_dir": str(out_dir),
-    }
+    parallel = cfg.parallel.model_copy(update={"dp": dp})
+    return cfg.janus_config(data_dir, out_dir, train=train, parallel=parallel)
 
 
 def layout_name(cfg: ScalingConfig) -> str:

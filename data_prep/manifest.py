@@ -15,9 +15,9 @@ from pathlib import Path
 
 import numpy as np
 
-from data_prep.files import write_atomic
 from data_prep.shards import SCHEMA_VERSION
 from data_prep.validate import Record
+from matris.io import write_atomic
 
 RIDGE = 1e-8  # relative to the mean diagonal of the normal matrix
 N_ELEMENTS = 119  # atomic numbers 0..118 (validation rejects 0)

@@ -8,7 +8,7 @@ calls) → ``finalize``. ``prepare`` runs the three serially. A chunk's outputs 
     parts/{chunk_id}.json                   summary: settings fingerprint, shards with sha256, statistics
 
 and a chunk whose summary matches the settings and whose shards verify is skipped on rerun. Every file is
-written whole or not at all (`data_prep.files.write_atomic`), so a run that fails, as on a full disk, keeps
+written whole or not at all (`matris.io.write_atomic`), so a run that fails, as on a full disk, keeps
 the chunks it finished and a rerun resumes from them.
 """
 
@@ -24,12 +24,11 @@ from pathlib import Path
 
 from data_prep import manifest
 from data_prep.config import DataConfig, DataWarning
-from data_prep.files import write_atomic
 from data_prep.readers import check_source, detect_format, plan_records, read_records
 from data_prep.shards import write_shard
 from data_prep.split import split_of
 from data_prep.validate import Record, Rejected, StrictModeError, check
-from matris.io import file_sha256
+from matris.io import file_sha256, write_atomic
 
 
 class EmptyDatasetError(ValueError):

@@ -49,8 +49,8 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from data_prep.files import write_atomic
 from data_prep.validate import Record
+from matris.io import write_atomic
 
 SCHEMA_VERSION = 3
 CHUNK_ROWS = {"structure": 1024, "atom": 4096, "edge": 16384}

@@ -40,7 +40,7 @@ from torch import nn
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-from matris.io import file_sha256
+from matris.io import file_sha256, write_atomic
 
 STEP_DIR = re.compile(r"^step_(\d{9})$")
 STATE_FILE = "train_state.json"
@@ -302,6 +302,4 @@ def _say(message: str) -> None:
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:
-    tmp = path.with_name(path.name + ".part")
-    tmp.write_text(json.dumps(data, indent=1))
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(data, indent=1))

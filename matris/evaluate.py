@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import os
 import sys
 import time
 from collections.abc import Iterator
@@ -47,7 +46,7 @@ from ase.units import GPa
 from matris.batch import collate
 from matris.calculator import MatRISCalculator
 from matris.graph import StructureGraph
-from matris.io import file_sha256, load
+from matris.io import file_sha256, load, write_atomic
 from matris.md import describe as describe_md
 from matris.md import run_nve
 from matris.model import MatRIS
@@ -149,9 +148,7 @@ def evaluate_model(
         }
         seconds["plots"] = _lap(clock)
     metrics["seconds"] = {**seconds, "total": round(sum(seconds.values()), 2)}
-    tmp = out_dir / "metrics.json.tmp"
-    tmp.write_text(json.dumps(metrics, indent=1))
-    os.replace(tmp, out_dir / "metrics.json")
+    write_atomic(out_dir / "metrics.json", json.dumps(metrics, indent=1))
     return metrics
 
 

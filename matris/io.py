@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +33,21 @@ FORMAT = "matris"
 VERSION = "2"
 DIGEST = "sha256"
 UNVERIFIABLE = {"1": "its checksum covers the tensors but not the config"}
+
+
+def write_atomic(path: Path, data: str | bytes) -> None:
+    """Write ``data`` to ``path`` through a temp file and ``os.replace``: a reader sees the old file or the
+    new one, never a partial one. When the write fails (``ENOSPC``, ``EDQUOT``, ``EIO``) the temp file is
+    removed and the error names ``path``; files written before stay as they are."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        tmp.write_bytes(data.encode() if isinstance(data, str) else data)
+    except OSError as error:
+        tmp.unlink(missing_ok=True)
+        raise OSError(error.errno, f"cannot write {path}: {error.strerror or error}") from error
+    os.replace(tmp, path)
 
 
 def file_sha256(path: Path) -> str:

@@ -14,7 +14,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from workflows.stages import write_atomic
+from matris.io import write_atomic
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS rungs (

@@ -21,6 +21,7 @@ from typing import Any
 
 import yaml
 
+from matris.io import write_atomic
 from workflows.runconfig import RunConfig
 from workflows.rundir import RunPaths, check_resume, exclusive
 
@@ -94,8 +95,8 @@ def _run(ctx) -> int:
     paths = RunPaths(ctx.run_dir)
     for folder in (paths.data, paths.train, paths.export, paths.eval):
         folder.mkdir(parents=True, exist_ok=True)
-    stages.write_atomic(paths.run_config, yaml.safe_dump(run_cfg.model_dump(mode="json")))
-    stages.write_atomic(paths.janus_config, yaml.safe_dump(run_cfg.janus_config(paths.data, paths.train)))
+    write_atomic(paths.run_config, yaml.safe_dump(run_cfg.model_dump(mode="json")))
+    write_atomic(paths.janus_config, yaml.safe_dump(run_cfg.janus_config(paths.data, paths.train)))
 
     complete_before = {
         "data": stages.data_complete(paths.data),
@@ -239,7 +240,6 @@ def _describe_failure(err: Exception, paths: RunPaths, name: str) -> str:
 
 
 def write_summary(paths: RunPaths, records: dict[str, StageRecord], ctx) -> None:
-    from workflows import stages
 
     summary = {
         "site": ctx.site.name,
@@ -247,4 +247,4 @@ def write_summary(paths: RunPaths, records: dict[str, StageRecord], ctx) -> None
         "written": time.time(),
         "stages": {name: vars(record) for name, record in records.items()},
     }
-    stages.write_atomic(paths.summary, json.dumps(summary, indent=1))
+    write_atomic(paths.summary, json.dumps(summary, indent=1))

@@ -26,6 +26,7 @@ from pydantic import Field, field_validator, model_validator
 
 from janus.metrics import read as read_metrics
 from janus.metrics import training_records
+from matris.io import write_atomic
 from workflows import history
 from workflows.runconfig import LaunchConfig, RunConfig, Strict
 
@@ -174,7 +175,7 @@ def run(ctx) -> int:
             out_dir = run_root / rung.name
             out_dir.mkdir(parents=True, exist_ok=True)
             config_file = out_dir / "janus.yaml"
-            stages.write_atomic(
+            write_atomic(
                 config_file, yaml.safe_dump(rung_janus_config(cfg, rung, root / "data", out_dir))
             )
             command = ctx.site_module.train_command(ctx.site, rung.nodes, rung.ranks_per_node, config_file)
@@ -208,7 +209,7 @@ def run(ctx) -> int:
     report_dir = root / "results" / run_id
     text = history.write_report(report_dir, key, run_id, results, verdicts, store.trend(key))
     for name in ("report.md", "efficiency.png", "throughput.png"):
-        stages.write_atomic(root / "results" / name, (report_dir / name).read_bytes())
+        write_atomic(root / "results" / name, (report_dir / name).read_bytes())
     print(text)
     regressions = [v for v in verdicts.values() if v.regression]
     for verdict in regressions:

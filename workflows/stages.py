@@ -12,7 +12,6 @@ whose checksum matches) and skips work that is already done, so a lost Parsl che
 from __future__ import annotations
 
 import hashlib
-import os
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -159,12 +158,4 @@ def eval_complete(eval_dir: Path, model_path: Path) -> bool:
     return metrics.is_file() and model_path.is_file() and evaluated_model(metrics) == file_sha256(model_path)
 
 
-def write_atomic(path: Path, data: str | bytes) -> None:
-    """Write to a temporary name, then rename: readers never see a partial file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    if isinstance(data, bytes):
-        tmp.write_bytes(data)
-    else:
-        tmp.write_text(data)
-    os.replace(tmp, path)
+

@@ -1,4 +1,4 @@
-"""Read prepared shards back as ``ase.Atoms`` (the DESIGN contract ``data_prep.iter_atoms``)."""
+"""Read prepared shards back as ``ase.Atoms`` (``data_prep.iter_atoms``: what evaluation and peers read)."""
 
 from __future__ import annotations
 

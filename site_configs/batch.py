@@ -9,7 +9,7 @@ Executors:
   SimpleLauncher (one worker pool on the job's first node); the training task asks for its nodes and ranks
   in ``parsl_resource_specification`` (`train_resources`) and runs ``$PARSL_MPI_PREFIX python -m
   janus.train``, which Parsl expands to ``srun ...`` or ``mpiexec ...`` over the task's own nodes.
-  ``cores_per_node`` is never set on it (DESIGN.md).
+  ``cores_per_node`` is never set on it: MPIExecutor's provider must not carry one (Parsl 2026 releases).
 
 The dry run (`describe_submission`) renders the scripts with Parsl's own code: it builds the same `Config`,
 then calls each executor's ``_launch_block`` (the call Parsl's scaling strategy makes), with the providers'

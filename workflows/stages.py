@@ -23,7 +23,8 @@ from parsl.dataflow.memoization import id_for_memo
 
 @id_for_memo.register(File)
 def _file_memo_id(file: File, output_ref: bool = False) -> bytes:
-    """Parsl registers no memo hash for `File`: identify one by its path (DESIGN.md, verified facts)."""
+    """Parsl registers no memo hash for `File`, so an app taking one could not be cached: identify a
+    `File` by its path."""
     return hashlib.sha256(f"File:{file.filepath}".encode()).digest()
 
 

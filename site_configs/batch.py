@@ -23,8 +23,6 @@ from __future__ import annotations
 
 import math
 import shlex
-from collections.abc import Iterator
-from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
 from string import Template
@@ -227,15 +225,15 @@ def retry_handler(exception: BaseException, task_record: Any) -> float:
 def describe_submission(site: SiteConfig, run: Any, paths: Any) -> str:
     """The exact batch scripts and commands a run would submit, and the training task's launch line."""
     runinfo = next_rundir(paths.root / "runinfo")
-    with recorded_submissions() as submitted:
-        config = parsl_config(site, paths.root)
-        for executor in config.executors:  # what DataFlowKernel and executor.start() set, then scale-out
-            executor.run_dir = str(runinfo)
-            executor.provider.script_dir = str(runinfo / "submit_scripts")
-            executor.worker_port = "<port chosen when the run starts>"
-            executor.logconf_path = None
-            executor.initialize_scaling()
-            executor._launch_block("0")
+    config = parsl_config(site, paths.root)
+    submitted = record_submissions([executor.provider for executor in config.executors])
+    for executor in config.executors:  # what DataFlowKernel and executor.start() set, then scale-out
+        executor.run_dir = str(runinfo)
+        executor.provider.script_dir = str(runinfo / "submit_scripts")
+        executor.worker_port = "<port chosen when the run starts>"
+        executor.logconf_path = None
+        executor.initialize_scaling()
+        executor._launch_block("0")
     spec = train_resources(site, run.launch)
     validate_resource_spec(spec)
     nodes = [f"<node{i + 1}>" for i in range(run.launch.nodes)]
@@ -267,26 +265,23 @@ def next_rundir(runinfo: Path) -> Path:
     return runinfo / f"{max(numbers) + 1 if numbers else 0:03d}"
 
 
-@contextmanager
-def recorded_submissions() -> Iterator[list[tuple[str, str, str]]]:
-    """Within the block, cluster providers run no scheduler command and write no file: each submission is
-    recorded as (submit command, script path, script text) and answered with a fake job id."""
+def record_submissions(providers: list[ClusterProvider]) -> list[tuple[str, str, str]]:
+    """These provider instances run no scheduler command and write no file: each submission is recorded
+    as (submit command, script path, script text) and answered with a fake job id."""
     submitted: list[tuple[str, str, str]] = []
     scripts: dict[str, str] = {}
 
-    def write(provider, template: str, script_filename: str, job_name: str, configs: dict) -> None:
+    def write(template: str, script_filename: str, job_name: str, configs: dict) -> None:
         scripts[script_filename] = Template(template).substitute(jobname=job_name, **configs)
 
-    def execute(provider, cmd: str, timeout: int | None = None) -> tuple[int, str, str]:
+    def execute(cmd: str, timeout: int | None = None) -> tuple[int, str, str]:
         script = next((path for path in scripts if cmd.endswith(path)), None)
         if script is None:  # a status probe such as SlurmProvider's ``sacct -X``
             return 0, "", ""
         submitted.append((cmd, script, scripts.pop(script)))
         return 0, "Submitted batch job 0\n" if cmd.startswith("sbatch") else "0.dry-run\n", ""
 
-    saved = ClusterProvider.execute_wait, ClusterProvider._write_submit_script
-    ClusterProvider.execute_wait, ClusterProvider._write_submit_script = execute, write
-    try:
-        yield submitted
-    finally:
-        ClusterProvider.execute_wait, ClusterProvider._write_submit_script = saved
+    for provider in providers:
+        provider._write_submit_script = write
+        provider.execute_wait = execute
+    return submitted

@@ -12,6 +12,7 @@ A site module ``site_configs/<name>.py`` (``-`` in the name becomes ``_``) defin
 
 A batch site (``scheduler`` slurm or pbs) takes each of these it does not define from `site_configs.batch`,
 the shared Slurm/PBS implementation, so most site modules are their ``DEFAULTS`` and a docstring.
+`site_module` resolves them once into a `SiteFunctions`; the modules themselves are never modified.
 
 Users override fields through the per-user file (`user_file`) and the run config's ``site.`` keys, never by
 editing the package.
@@ -22,6 +23,8 @@ from __future__ import annotations
 import importlib
 import os
 import pkgutil
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -52,21 +55,48 @@ def available_sites() -> list[str]:
     return sorted(names)
 
 
-SITE_FUNCTIONS = ("parsl_config", "check", "train_command", "train_resources", "describe_submission")
+@dataclass(frozen=True)
+class SiteFunctions:
+    """What a site provides: its module's own functions, or `site_configs.batch`'s for a batch site;
+    ``None`` where neither has one."""
+
+    doc: str
+    defaults: dict[str, Any]
+    parsl_config: Callable[..., Any]
+    train_command: Callable[..., str]
+    check: Callable[..., None] | None
+    train_resources: Callable[..., dict[str, Any]] | None
+    describe_submission: Callable[..., str] | None
 
 
-def site_module(name: str) -> ModuleType:
-    """The site's module, with `site_configs.batch`'s functions filled in for a batch site."""
+OPTIONAL = ("check", "train_resources", "describe_submission")
+
+
+def site_module(name: str) -> SiteFunctions:
+    """The functions of site ``name``, with `site_configs.batch`'s filling in for a batch site."""
     if name not in available_sites():
         raise UnknownSite(f"unknown site {name!r}; available sites: {', '.join(available_sites())}")
     module = importlib.import_module(f"{__name__}.{name.replace('-', '_')}")
+    fallback: ModuleType | None = None
     if module.DEFAULTS["scheduler"] in ("slurm", "pbs"):
         from site_configs import batch
 
-        for function in SITE_FUNCTIONS:
-            if not hasattr(module, function):
-                setattr(module, function, getattr(batch, function))
-    return module
+        fallback = batch
+
+    def function(attribute: str) -> Callable[..., Any] | None:
+        own = vars(module).get(attribute)
+        return own if own is not None else vars(fallback).get(attribute) if fallback else None
+
+    required = {attribute: function(attribute) for attribute in ("parsl_config", "train_command")}
+    missing = [attribute for attribute, found in required.items() if found is None]
+    if missing:
+        raise UnknownSite(f"site module {module.__name__} defines no {', '.join(missing)}")
+    return SiteFunctions(
+        doc=(module.__doc__ or "").strip(),
+        defaults=module.DEFAULTS,
+        **required,
+        **{attribute: function(attribute) for attribute in OPTIONAL},
+    )
 
 
 def user_overrides(name: str, path: Path) -> dict[str, Any]:
@@ -91,12 +121,12 @@ def merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
 def resolve(name: str, overrides: dict[str, Any], path: Path | None = None) -> SiteConfig:
     """Site defaults, then the per-user file, then the run config's ``site.`` keys; validated as a whole.
     An error in a field whose value came from the per-user file names that file."""
-    module = site_module(name)
+    functions = site_module(name)
     path = (path or user_file()).expanduser()
     user = user_overrides(name, path)
     from_file = set(user) - set(overrides)
     try:
-        return SiteConfig(**merge(merge(module.DEFAULTS, user), overrides))
+        return SiteConfig(**merge(merge(functions.defaults, user), overrides))
     except ValidationError as err:
         problems = []
         for error in err.errors():

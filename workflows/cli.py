@@ -40,7 +40,7 @@ class WorkflowContext:
 
     run: Any
     site: SiteConfig
-    site_module: ModuleType
+    site_module: site_configs.SiteFunctions
     run_dir: Path
     workflow_file: Path
     config_file: Path | None = None
@@ -104,7 +104,7 @@ def make_context(args: argparse.Namespace) -> tuple[ModuleType, WorkflowContext]
     )  # fmt: skip
     if (args.schedule or args.unschedule) and not hasattr(workflow, "schedule"):
         raise ConfigError(f"workflow {args.workflow} cannot be scheduled (no schedule function)")
-    if hasattr(module, "check"):
+    if module.check is not None:
         try:
             module.check(site, run)
         except ValueError as err:
@@ -152,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     if args.list_sites:
         for name in site_configs.available_sites():
-            doc = (site_configs.site_module(name).__doc__ or "").strip().splitlines()[0]
+            doc = site_configs.site_module(name).doc.splitlines()[0]
             print(f"{name:14s} {doc}")
         return 0
     if args.workflow is None or args.site is None:

@@ -60,7 +60,7 @@ def describe(ctx) -> str:
         f"  3. export    [stages] newest checkpoint → {paths.model}",
         f"  4. evaluate  [stages] held-out split → {paths.eval}/metrics.json",
     ]
-    if hasattr(ctx.site_module, "describe_submission"):
+    if ctx.site_module.describe_submission is not None:
         lines += ["", ctx.site_module.describe_submission(ctx.site, run, paths)]
     return "\n".join(lines)
 

@@ -116,7 +116,8 @@ def submit_train(
 ) -> Any:  # fmt: skip
     """The training bash app after ``manifest``; batch sites get the task's nodes and ranks (``launch``)
     as its resource specification (an MPIExecutor places the ranks)."""
-    resources = getattr(ctx.site_module, "train_resources", lambda site, launch: None)(ctx.site, launch)
+    train_resources = ctx.site_module.train_resources
+    resources = train_resources(ctx.site, launch) if train_resources is not None else None
     return train(
         command, key=key, attempt=attempt,
         inputs=[manifest.outputs[0]], outputs=[File(str(train_dir / "checkpoints"))],

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import io
 import re
+import subprocess
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -152,3 +153,32 @@ def _argv(command: str) -> list[str]:
     import shlex
 
     return shlex.split(command.split(" && ", 1)[1].split(" >> ", 1)[0])
+
+
+def test_a_lock_left_to_a_child_of_a_dead_run_is_explained(tmp_path: Path):
+    """A process forked by a killed `parsl-run` keeps its lock: the refusal says so and how to find it."""
+    import os
+    import signal
+    import sys
+
+    child = tmp_path / "child.pid"
+    code = (
+        "import os, time\n"
+        "from pathlib import Path\n"
+        "from workflows.rundir import RunPaths, exclusive\n"
+        f"with exclusive(RunPaths(Path({str(tmp_path / 'run')!r}))):\n"
+        "    if os.fork() == 0:\n"
+        f"        Path({str(child)!r}).write_text(str(os.getpid()))\n"
+        "        time.sleep(60)\n"
+        "    os._exit(0)\n"
+    )
+    subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True)
+    while not child.exists() or not child.read_text():
+        pass
+    try:
+        with pytest.raises(cli.ConfigError, match=r"that process has ended; .*fuser -v"), exclusive(
+            RunPaths(tmp_path / "run")
+        ):
+            pass
+    finally:
+        os.kill(int(child.read_text()), signal.SIGKILL)

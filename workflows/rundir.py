@@ -127,7 +127,7 @@ def exclusive(paths: RunPaths) -> Iterator[None]:
         handle.close()
         raise ConfigError(
             f"run directory {paths.root} is in use by {holder}; wait for it to finish or give another "
-            "--run-dir"
+            f"--run-dir{_if_gone(holder, paths.lock)}"
         ) from None
     try:
         handle.seek(0)
@@ -137,3 +137,17 @@ def exclusive(paths: RunPaths) -> Iterator[None]:
         yield
     finally:
         handle.close()
+
+
+def _if_gone(holder: str, lock: Path) -> str:
+    """A hint when the recorded holder died on this host: a process it started still holds the lock."""
+    words = holder.split()
+    if len(words) < 5 or words[:2] != ["parsl-run", "pid"] or words[4] != os.uname().nodename:
+        return ""
+    try:
+        os.kill(int(words[2]), 0)
+    except ProcessLookupError:
+        return f" (that process has ended; one it started still holds the lock: `fuser -v {lock}`)"
+    except (ValueError, PermissionError):
+        return ""
+    return ""

@@ -49,7 +49,7 @@ from matris.batch import collate
 from matris.graph import neighbor_graph, vesin_graph
 from matris.model import line_graph
 
-DATA = Path("/work/shared/data")
+DATA = Path(__file__).resolve().parents[1] / "sample_data"  # every crystal and molecule of the shared data
 HELPER = Path(__file__).with_name("_peers_graphs.py")
 SHARD_SIZE = 250  # chunks of 250 records: several per file, so two processes share the work evenly
 WARMUP_FRAMES = 20
@@ -308,7 +308,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         nargs="+",
         type=Path,
         default=[DATA / "crystals_pbe.extxyz.gz", DATA / "molecules_gfn2.extxyz.gz"],
-        help="extxyz(.gz) files (default: the shared crystals_pbe and molecules_gfn2 files)",
+        help="extxyz(.gz) files (default: the bundled crystals_pbe and molecules_gfn2 files)",
     )
     parser.add_argument("--frames", type=int, default=None, help="first N frames of each file (default: all)")
     parser.add_argument("--repeats", type=int, default=3, help="runs per measurement; the median is reported")

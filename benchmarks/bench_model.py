@@ -74,7 +74,7 @@ from matris.graph import graph_from_atoms
 from matris.moe import Experts
 from matris.properties import parameter_backward
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+DATA = Path(__file__).resolve().parents[1] / "sample_data"  # every crystals_pbe frame of the shared data
 PEERS_HELPER = Path(__file__).with_name("_peers_model.py")
 MIN_VOLUME_PER_ATOM = 12.0  # Å³
 MODELS = {

@@ -221,14 +221,15 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     ref = {"shards": shard_digests(reference_dir), "losses": losses(reference_dir), "wall_s": wall}
     rng = random.Random(args.seed)
-    delays = sorted(rng.uniform(1.0, wall) for _ in range(args.kills))
-    kills = [kill_trial(k, d, out, sources, ref) for k, d in enumerate(delays)]
-    corruption = []
-    if not args.no_corruption:
-        kinds = corruption_cases(reference_dir)
-        corruption = [corruption_trial(kind, reference_dir, out, sources) for kind in kinds]
-    results = {"reference_wall_s": wall, "kills": kills, "corruption": corruption}
-    (out / "results.json").write_text(json.dumps(results, indent=1))
+    delays = [rng.uniform(1.0, wall) for _ in range(args.kills)]
+    results: dict[str, Any] = {"reference_wall_s": wall, "kills": [], "corruption": []}
+    for k, delay in enumerate(delays):  # in random order, so a run cut short still spans the stages
+        results["kills"].append(kill_trial(k, delay, out, sources, ref))
+        (out / "results.json").write_text(json.dumps(results, indent=1))
+    for kind in [] if args.no_corruption else corruption_cases(reference_dir):
+        results["corruption"].append(corruption_trial(kind, reference_dir, out, sources))
+        (out / "results.json").write_text(json.dumps(results, indent=1))
+    kills, corruption = results["kills"], results["corruption"]
     report(results, Console(width=200))
     return 0 if all(_kill_ok(k) for k in kills) and all(c["recovered"] for c in corruption) else 1
 

@@ -121,6 +121,7 @@ def kill_trial(k: int, delay: float, out: Path, sources: list[Path], ref: dict[s
     rerun = run(cmd)
     seconds = time.perf_counter() - tic
     resumed = _resumed_step(run_dir)
+    trained_again = _stage_status(run_dir, "train") == "ran"
     got = losses(run_dir) if rerun.returncode == 0 else {}
     same_curve = bool(got) and got.keys() == ref["losses"].keys() and all(
         abs(got[s] - ref["losses"][s]) <= 1e-4 * abs(ref["losses"][s]) for s in got
@@ -133,17 +134,22 @@ def kill_trial(k: int, delay: float, out: Path, sources: list[Path], ref: dict[s
         "rerun_s": round(seconds, 1),
         "same_shards": rerun.returncode == 0 and shard_digests(run_dir) == ref["shards"],
         "same_losses": same_curve,
-        "steps_redone": max(0, logged - resumed) if resumed is not None else logged,
+        "steps_redone": 0 if not trained_again else max(0, logged - (resumed or 0)),
         "error": "" if rerun.returncode == 0 else (rerun.stderr or rerun.stdout)[-400:],
     }
 
 
 def _resumed_step(run_dir: Path) -> int | None:
+    """The step the last training process resumed from (its log is appended to by every attempt)."""
     log = run_dir / "train" / "train.log"
-    for line in (log.read_text().splitlines() if log.exists() else []):
-        if "resumed from" in line and "step_" in line:
-            return int(line.split("step_")[1][:9])
-    return None
+    text = log.read_text() if log.exists() else ""
+    found = [line for line in text.splitlines() if "resumed from" in line]
+    return int(found[-1].split("step_")[1][:9]) if found and "step_" in found[-1] else None
+
+
+def _stage_status(run_dir: Path, stage: str) -> str:
+    summary = run_dir / "summary.json"
+    return json.loads(summary.read_text())["stages"][stage]["status"] if summary.exists() else ""
 
 
 def _kill_stragglers(run_dir: Path) -> None:

@@ -295,7 +295,8 @@ def report(results: dict[str, Any], console: Console) -> list[str]:
     """One table per task; returns the target lines."""
     runs = {name: r for name, r in results["runs"].items() if r}
     length = f"{results['steps']} steps" if results.get("steps") else f"{results['budget_s']:.0f} s budgets"
-    for task in sorted({t for r in runs.values() for t in r["tasks"]}):
+    singles = runs.get("single-task", {}).values()
+    for task in sorted({t for r in [runs["ours"], *singles] for t in r["tasks"]}):
         table = Table(title=f"{task}: held-out errors after {length}")
         for column in ["model", *(c for c, _, _ in columns()), "training s", "epochs"]:
             table.add_column(column, justify="right" if column != "model" else "left")

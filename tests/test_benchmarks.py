@@ -57,3 +57,27 @@ def test_bench_model_variants_are_validated_before_any_model_runs(monkeypatch, t
     data.write_text("")
     assert bench_model.main(["--input", str(data), "--only", "matris-6l", "--variant", "num_head=4"]) == 1
     assert "num_head" in capsys.readouterr().out and not started
+
+
+def test_bench_accuracy_report_holds_the_single_task_runs_and_their_targets(tmp_path, monkeypatch):
+    """The report of a mixed run with ``--single-task``: one table per task, each task's own run beside the
+    mixed one, and the negative-transfer line; the plot skips runs without a curve."""
+    from rich.console import Console
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    import bench_accuracy
+
+    scores = {"energy_mae_mev_per_atom": 9.0, "force_mae_mev_per_a": 60.0, "force_zero_mae_mev_per_a": 200.0,
+              "force_cosine": 0.9, "stress_mae_mev_per_a3": None}  # fmt: skip
+    run = {"tasks": {"a": scores, "b": scores}, "train_seconds": 600.0, "epochs": 2.0}
+    run["curve"] = {"a": [(1, 2)]}
+    single = {t: {"tasks": {t: {**scores, "force_mae_mev_per_a": 40.0}}, "train_seconds": 99.0, "epochs": 2.0}
+              for t in ("a", "b")}  # fmt: skip
+    results = {"budget_s": 600.0, "steps": None, "runs": {"ours": run, "single-task": single}}
+    console = Console(width=200, record=True)
+    lines = bench_accuracy.report(results, console)
+    text = console.export_text()
+    assert "a: held-out errors after 600 s budgets" in text and "single-task" in text
+    assert "a: force MAE 1.50x the same model trained on it alone (target ≤ 1.2: missed)" in lines
+    bench_accuracy.plot(results, tmp_path / "curve.png")
+    assert (tmp_path / "curve.png").stat().st_size > 0

@@ -238,17 +238,26 @@ def prepare(config: DataConfig, out_dir: Path) -> dict:
     return finalize(out_dir, config, [write_chunk(c, config, out_dir) for c in plan_chunks(config)])
 
 
-def is_complete(out_dir: Path) -> bool:
-    """True when ``manifest.json`` exists and every shard it lists verifies against its sha256."""
+def problem(out_dir: Path) -> str | None:
+    """What keeps ``out_dir`` from being a complete, verified preparation (naming the file), or None."""
     path = Path(out_dir) / "manifest.json"
     if not path.exists():
-        return False
+        return f"{path} does not exist"
     try:
         data = json.loads(path.read_text())
-    except json.JSONDecodeError:
-        return False
-    for entry in data.get("shards", []):
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        return f"{path} is unreadable ({error})"
+    if not isinstance(data, dict) or "shards" not in data:
+        return f"{path} lists no shards"
+    for entry in data["shards"]:
         shard = Path(out_dir) / entry["file"]
-        if not shard.exists() or file_sha256(shard) != entry["sha256"]:
-            return False
-    return "shards" in data
+        if not shard.exists():
+            return f"shard {shard} is missing"
+        if file_sha256(shard) != entry["sha256"]:
+            return f"shard {shard} does not match its sha256 in {path}"
+    return None
+
+
+def is_complete(out_dir: Path) -> bool:
+    """True when ``manifest.json`` exists and every shard it lists verifies against its sha256."""
+    return problem(out_dir) is None

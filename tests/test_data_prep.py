@@ -38,6 +38,7 @@ from data_prep import (
     write_chunk,
 )
 from data_prep.__main__ import main as cli
+from data_prep.pipeline import problem
 from data_prep.readers import count_records, read_records
 from data_prep.readers import extxyz as extxyz_reader
 from matris.batch import collate
@@ -451,7 +452,7 @@ def test_chunks_reused_when_verified_and_redone_when_corrupt(tmp_path):
     with open(victim, "r+b") as fh:
         fh.seek(4096)
         fh.write(b"corrupted")
-    assert not is_complete(out)
+    assert problem(out) == f"shard {victim} does not match its sha256 in {out / 'manifest.json'}"
     mtimes = {e["file"]: os.stat(out / e["file"]).st_mtime_ns for r in first for e in r.shards}
     second = [write_chunk(c, config, out) for c in chunks]
     assert [r.reused for r in second] == [k != 1 for k in range(len(chunks))]
@@ -461,6 +462,11 @@ def test_chunks_reused_when_verified_and_redone_when_corrupt(tmp_path):
             assert changed == (r is second[1])
     assert finalize(out, config, second) == finalize(out, config, first)
     assert is_complete(out)
+    manifest = bytearray((out / "manifest.json").read_bytes())
+    manifest[len(manifest) // 2] ^= 0xFF  # no longer UTF-8 there: an unreadable manifest, named
+    (out / "manifest.json").write_bytes(bytes(manifest))
+    assert "manifest.json is unreadable" in problem(out)
+    finalize(out, config, second)
     redo = DataConfig(sources=config.sources, shard_size=60, cutoff=5.0)
     assert not any(write_chunk(c, redo, out).reused for c in chunks[:1])
 

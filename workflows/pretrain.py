@@ -98,8 +98,11 @@ def _run(ctx) -> int:
     write_atomic(paths.run_config, yaml.safe_dump(run_cfg.model_dump(mode="json")))
     write_atomic(paths.janus_config, yaml.safe_dump(run_cfg.janus_config(paths.data, paths.train)))
 
+    damaged = stages.data_problem(paths.data) if (paths.data / "manifest.json").exists() else None
+    if damaged:
+        print(f"parsl-run: data: {damaged}; preparing the data again", flush=True)
     complete_before = {
-        "data": stages.data_complete(paths.data),
+        "data": damaged is None and stages.data_complete(paths.data),
         "train": stages.train_complete(paths.train, run_cfg.train.steps),
         "export": stages.export_complete(paths.model, paths.train),
         "evaluate": stages.eval_complete(paths.eval, paths.model),

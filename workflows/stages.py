@@ -127,9 +127,13 @@ def submit_train(
 
 
 def data_complete(data_dir: Path) -> bool:
-    from data_prep.pipeline import is_complete
+    return data_problem(data_dir) is None
 
-    return is_complete(data_dir)
+
+def data_problem(data_dir: Path) -> str | None:
+    from data_prep.pipeline import problem
+
+    return problem(data_dir)
 
 
 def train_complete(train_dir: Path, steps: int) -> bool:

@@ -100,8 +100,9 @@ def read_header(path: str | Path) -> dict[str, str]:
     return header.get("__metadata__") or {}
 
 
-def load(path: str | Path, device: str | torch.device = "cpu") -> MatRIS:
-    """Rebuild a model saved by ``save``; refuses foreign, incompatible or corrupted files."""
+def verified(path: str | Path) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
+    """The header and tensors of a model file written by ``save`` whose digest matches; raises ValueError
+    naming the file and what is wrong (foreign, older version, corrupted)."""
     path = Path(path)
     meta = read_header(path)
     if meta.get("format") != FORMAT:
@@ -116,12 +117,22 @@ def load(path: str | Path, device: str | torch.device = "cpu") -> MatRIS:
     if version != VERSION:
         raise ValueError(f"{path} has model file version {version!r}; this code reads {VERSION}")
     try:
-        config = ModelConfig.model_validate_json(meta["config"])
         tensors = load_file(path)
-    except (KeyError, ValidationError, SafetensorError) as e:
+    except SafetensorError as e:
         raise ValueError(f"{path} is corrupted or incompatible: {e}") from e
     if _digest(meta, tensors) != meta.get(DIGEST):
         raise ValueError(f"{path} is corrupted: its {DIGEST} does not match its header fields and tensors")
+    return meta, tensors
+
+
+def load(path: str | Path, device: str | torch.device = "cpu") -> MatRIS:
+    """Rebuild a model saved by ``save``; refuses foreign, incompatible or corrupted files."""
+    path = Path(path)
+    meta, tensors = verified(path)
+    try:
+        config = ModelConfig.model_validate_json(meta["config"])
+    except (KeyError, ValidationError) as e:
+        raise ValueError(f"{path} is corrupted or incompatible: {e}") from e
     dtype = next(t.dtype for t in tensors.values() if t.is_floating_point())
     allowed = tensors.pop(ALLOWED, None)
     model = MatRIS(config).to(dtype)

@@ -293,3 +293,19 @@ def test_an_older_model_file_is_refused_with_the_re_export_command(model_file, t
         ValueError, match=rf"{re.escape(str(old))} was written by an older version.*python -m matris\.export"
     ):
         matris.load(old)
+
+
+def test_the_workflow_names_a_damaged_model_file_and_exports_again(model_file, tmp_path):
+    """`workflows.stages.export_problem`: a flipped tensor byte in the exported model makes the export
+    stage incomplete, with the file and the fault named (the pipeline prints it and exports again)."""
+    from workflows.stages import export_problem
+
+    copy = tmp_path / "model.safetensors"
+    copy.write_bytes(model_file.read_bytes())
+    assert export_problem(copy) is None
+    data = bytearray(copy.read_bytes())
+    data[-5] ^= 0x01
+    copy.write_bytes(bytes(data))
+    expected = f"{copy} is corrupted: its sha256 does not match its header fields and tensors"
+    assert export_problem(copy) == expected
+    assert export_problem(tmp_path / "absent.safetensors").endswith("does not exist")

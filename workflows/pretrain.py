@@ -101,6 +101,9 @@ def _run(ctx) -> int:
     damaged = stages.data_problem(paths.data) if (paths.data / "manifest.json").exists() else None
     if damaged:
         print(f"parsl-run: data: {damaged}; preparing the data again", flush=True)
+    model_damage = stages.export_problem(paths.model) if paths.model.exists() else None
+    if model_damage:
+        print(f"parsl-run: export: {model_damage}; exporting again", flush=True)
     complete_before = {
         "data": damaged is None and stages.data_complete(paths.data),
         "train": stages.train_complete(paths.train, run_cfg.train.steps),

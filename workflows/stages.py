@@ -153,7 +153,20 @@ def export_complete(model_path: Path, train_dir: Path) -> bool:
     from matris.export import exported_from
 
     last = latest(train_dir / "checkpoints")
-    return model_path.is_file() and last is not None and exported_from(model_path) == last.name
+    return export_problem(model_path) is None and last is not None and exported_from(model_path) == last.name
+
+
+def export_problem(model_path: Path) -> str | None:
+    """What is wrong with an exported model file (missing, foreign, corrupted), or None."""
+    from matris.io import verified
+
+    if not model_path.is_file():
+        return f"{model_path} does not exist"
+    try:
+        verified(model_path)
+    except ValueError as error:
+        return str(error)
+    return None
 
 
 def eval_complete(eval_dir: Path, model_path: Path) -> bool:

@@ -1,6 +1,7 @@
 """Fault injection on the real pipeline: kill -9 at random moments, corrupted artifacts, then a rerun.
 
-    python benchmarks/bench_faults.py [--kills 20] [--seed 0] [--out runs/bench_faults] [--no-corruption]
+    python benchmarks/bench_faults.py [--kills 20] [--seed 0] [--window FROM TO] [--out runs/bench_faults]
+        [--no-corruption]
 
 A small run (`parsl-run workflows/pretrain.py --site local`: 300 crystals and 150 molecules of the bundled
 sample, 12 steps, a checkpoint every 4) is first run once uninterrupted: the reference shards (bytes), loss
@@ -213,6 +214,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--kills", type=int, default=20)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-corruption", action="store_true")
+    parser.add_argument(
+        "--window", type=float, nargs=2, metavar=("FROM", "TO"),
+        help="kill between these seconds after the start (default: 1 s to the uninterrupted run's wall time)",
+    )  # fmt: skip
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "bench_faults")
     args = parser.parse_args(argv)
     out = args.out.resolve()
@@ -227,7 +232,8 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     ref = {"shards": shard_digests(reference_dir), "losses": losses(reference_dir), "wall_s": wall}
     rng = random.Random(args.seed)
-    delays = [rng.uniform(1.0, wall) for _ in range(args.kills)]
+    first, last = args.window or (1.0, wall)
+    delays = [rng.uniform(first, last) for _ in range(args.kills)]
     results: dict[str, Any] = {"reference_wall_s": wall, "kills": [], "corruption": []}
     for k, delay in enumerate(delays):  # in random order, so a run cut short still spans the stages
         results["kills"].append(kill_trial(k, delay, out, sources, ref))

@@ -182,3 +182,21 @@ def test_a_lock_left_to_a_child_of_a_dead_run_is_explained(tmp_path: Path):
             pass
     finally:
         os.kill(int(child.read_text()), signal.SIGKILL)
+
+
+def test_an_unreadable_parsl_memo_checkpoint_is_set_aside_and_named(tmp_path: Path):
+    """Parsl refuses to start on a damaged ``tasks.pkl`` (BadCheckpoint); the run sets it aside, says so,
+    and leaves readable ones where Parsl finds them."""
+    import pickle
+
+    from workflows.rundir import set_aside_unreadable_memos
+
+    good, bad = (tmp_path / "run" / "runinfo" / n / "checkpoint" / "tasks.pkl" for n in ("000", "001"))
+    for memo in (good, bad):
+        memo.parent.mkdir(parents=True)
+        memo.write_bytes(pickle.dumps({"hash": "h", "exception": None, "result": 1}))
+    bad.write_bytes(bad.read_bytes()[:-3] + b"\xff\xff\xff")
+    lines = set_aside_unreadable_memos(RunPaths(tmp_path / "run"))
+    assert lines == [f"Parsl's memo checkpoint {bad} is unreadable (UnpicklingError); set aside"]
+    assert good.exists() and not bad.exists() and (bad.parent.with_name("checkpoint.corrupt")).is_dir()
+    assert set_aside_unreadable_memos(RunPaths(tmp_path / "run")) == []

@@ -23,7 +23,7 @@ import yaml
 
 from matris.io import write_atomic
 from workflows.runconfig import RunConfig
-from workflows.rundir import RunPaths, check_resume, exclusive
+from workflows.rundir import RunPaths, check_resume, exclusive, set_aside_unreadable_memos
 
 CONFIG = RunConfig
 STAGES = ("data", "train", "export", "evaluate")
@@ -111,6 +111,8 @@ def _run(ctx) -> int:
         "evaluate": stages.eval_complete(paths.eval, paths.model),
     }
     records = {name: StageRecord() for name in STAGES}
+    for line in set_aside_unreadable_memos(paths):
+        print(f"parsl-run: {line}", flush=True)
     parsl.load(ctx.site_module.parsl_config(ctx.site, paths.root))
     failed = None
     try:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import pickle
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -151,3 +152,25 @@ def _if_gone(holder: str, lock: Path) -> str:
     except (ValueError, PermissionError):
         return ""
     return ""
+
+
+def set_aside_unreadable_memos(paths: RunPaths) -> list[str]:
+    """Parsl's memo checkpoints (``runinfo/*/checkpoint/tasks.pkl``) that Parsl could not load, their
+    folder renamed ``checkpoint.corrupt`` so that the run starts: Parsl refuses to start on one
+    (`BadCheckpoint`), and each stage verifies its own outputs anyway. Read as Parsl reads them (a pickle
+    stream of this run's own files: the same trust as Parsl's); returns a line per file set aside."""
+    moved = []
+    for memo in sorted(paths.root.glob("runinfo/*/checkpoint/tasks.pkl")):
+        try:
+            with open(memo, "rb") as handle:
+                while True:
+                    try:
+                        record = pickle.load(handle)
+                    except EOFError:
+                        break
+                    if not isinstance(record, dict) or "hash" not in record:
+                        raise ValueError("a record without a task hash")
+        except Exception as error:  # any failure to read is one Parsl would refuse to start on
+            memo.parent.rename(memo.parent.with_name("checkpoint.corrupt"))
+            moved.append(f"Parsl's memo checkpoint {memo} is unreadable ({type(error).__name__}); set aside")
+    return moved

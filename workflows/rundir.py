@@ -12,6 +12,7 @@ from __future__ import annotations
 import fcntl
 import os
 import pickle
+import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -130,6 +131,9 @@ def exclusive(paths: RunPaths) -> Iterator[None]:
             f"run directory {paths.root} is in use by {holder}; wait for it to finish or give another "
             f"--run-dir{_if_gone(holder, paths.lock)}"
         ) from None
+    except OSError as error:  # e.g. ENOLCK: a file system without locks (some NFS mounts)
+        print(f"parsl-run: warning: cannot lock {paths.lock} ({error.strerror}); nothing stops a second "
+              "parsl-run in this run directory", file=sys.stderr, flush=True)  # fmt: skip
     try:
         handle.seek(0)
         handle.truncate()

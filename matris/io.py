@@ -100,9 +100,9 @@ def read_header(path: str | Path) -> dict[str, str]:
     return header.get("__metadata__") or {}
 
 
-def verified(path: str | Path) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
-    """The header and tensors of a model file written by ``save`` whose digest matches; raises ValueError
-    naming the file and what is wrong (foreign, older version, corrupted)."""
+def verified(path: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+    """The config and tensors of a model file written by ``save`` whose digest matches; raises ValueError
+    naming the file and what is wrong (foreign, older version, incompatible, corrupted)."""
     path = Path(path)
     meta = read_header(path)
     if meta.get("format") != FORMAT:
@@ -117,22 +117,19 @@ def verified(path: str | Path) -> tuple[dict[str, str], dict[str, torch.Tensor]]
     if version != VERSION:
         raise ValueError(f"{path} has model file version {version!r}; this code reads {VERSION}")
     try:
+        config = ModelConfig.model_validate_json(meta["config"])
         tensors = load_file(path)
-    except SafetensorError as e:
+    except (KeyError, ValidationError, SafetensorError) as e:
         raise ValueError(f"{path} is corrupted or incompatible: {e}") from e
     if _digest(meta, tensors) != meta.get(DIGEST):
         raise ValueError(f"{path} is corrupted: its {DIGEST} does not match its header fields and tensors")
-    return meta, tensors
+    return config, tensors
 
 
 def load(path: str | Path, device: str | torch.device = "cpu") -> MatRIS:
     """Rebuild a model saved by ``save``; refuses foreign, incompatible or corrupted files."""
     path = Path(path)
-    meta, tensors = verified(path)
-    try:
-        config = ModelConfig.model_validate_json(meta["config"])
-    except (KeyError, ValidationError) as e:
-        raise ValueError(f"{path} is corrupted or incompatible: {e}") from e
+    config, tensors = verified(path)
     dtype = next(t.dtype for t in tensors.values() if t.is_floating_point())
     allowed = tensors.pop(ALLOWED, None)
     model = MatRIS(config).to(dtype)

@@ -31,7 +31,7 @@ import torch.distributed as dist
 from data_prep.loader import BatchPlan, GraphDataset
 from janus import checkpoint, launch
 from janus.batching import Coordinates, RankWork, assign, loss_batch, partition
-from janus.config import JanusConfig, LayoutError, check_layout
+from janus.config import JanusConfig, LayoutError, TrainConfig, check_layout
 from janus.ema import EMA
 from janus.expert_parallel import gathered_weights, parallelize_moe, return_gradients
 from janus.flops import FlopMeter, count_triplets, peak_flops
@@ -94,12 +94,18 @@ def lr_lambda(cfg: JanusConfig, clock: TrainingClock | None = None):
         warmup = train.warmup
         if step < warmup:
             return (step + 1) / (warmup + 1)
-        progress = (step - warmup) / max(1, train.steps - warmup)
-        progress = max(progress, clock.progress() if clock is not None else 0.0)
-        cosine = 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+        progress = run_progress(train, step, clock, warmup)
+        cosine = 0.5 * (1 + math.cos(math.pi * progress))
         return train.min_lr_ratio + (1 - train.min_lr_ratio) * cosine
 
     return factor
+
+
+def run_progress(train: TrainConfig, step: int, clock: TrainingClock | None, skip: int = 0) -> float:
+    """How much of the run (0 → 1) is done after ``skip`` steps: of the steps or, if it ends sooner, the
+    time budget."""
+    progress = (step - skip) / max(1, train.steps - skip)
+    return min(1.0, max(progress, clock.progress() if clock is not None else 0.0))
 
 
 def peak_lr(cfg: JanusConfig) -> float:
@@ -226,6 +232,7 @@ class Trainer:
         loss_ids = work.loss_structures
         magmoms = self.model_cfg.magmom_head
         labels = loss_batch([graphs[i] for i in loss_ids], self.dtype, self.device, magmoms)
+        loss_weights = cfg.loss.at(run_progress(cfg.train, step, self.clock))
         self.ctx.reset()
         if where.expert_size > 1:
             self.ctx.histograms = self._histograms(work, graphs, parts)
@@ -242,7 +249,7 @@ class Trainer:
                 batch = collate([graphs[i] for i in work.whole], dtype=self.dtype).to(self.device)
                 pred = predict(self.model, batch, training=True)
             loss, parts_metrics = multitask_loss(
-                pred, labels, self.model_cfg.tasks, cfg.loss, self._sum_over_ranks, active=work.active
+                pred, labels, self.model_cfg.tasks, loss_weights, self._sum_over_ranks, active=work.active
             )
             parameter_backward(loss, self.model, gathered_weights(self.ctx))
         return_gradients(self.ctx)

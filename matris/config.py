@@ -101,6 +101,18 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
+class FinalLossStage(BaseModel):
+    """Weights for the last part of a run, as MACE's final stage (its "SWA" weights) shifts weight to
+    energies once the forces have been learned."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    start: float = Field(0.75, gt=0, lt=1, description="fraction of the run (steps or time budget) done")
+    energy: float = Field(ge=0)
+    force: float = Field(ge=0)
+    stress: float = Field(0.1, ge=0)
+
+
 class LossConfig(BaseModel):
     """Weights of the multi-task loss and its robustness.
 
@@ -120,3 +132,11 @@ class LossConfig(BaseModel):
     magmom: float = 0.1
     aux: float = 0.01  # MoE load-balancing
     outlier_k: float = 3.0  # samples beyond μ + kσ of their task are smoothly down-weighted
+    final: FinalLossStage | None = None
+
+    def at(self, progress: float) -> LossConfig:
+        """The weights in force once ``progress`` (0 → 1) of the run is done."""
+        if self.final is None or progress < self.final.start:
+            return self
+        stage = self.final
+        return self.model_copy(update={"energy": stage.energy, "force": stage.force, "stress": stage.stress})

@@ -29,6 +29,7 @@ from janus.batching import Coordinates, assign, choose_partitioned, partition
 from janus.config import JanusConfig
 from janus.flops import STEP_OVER_FORWARD, FlopMeter, count_triplets
 from janus.planner import expert_counts, plan
+from matris.config import LossConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLE = ROOT / "sample_data"
@@ -457,3 +458,14 @@ def test_time_budget_stops_training_decays_the_schedule_and_completes_the_stage(
     rerun = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert rerun.returncode == 0 and "was spent by step" in rerun.stdout, rerun.stderr
     assert len((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()) == len(lines)
+
+
+def test_final_loss_stage_switches_weights_part_way(small_data, tmp_path):
+    """`loss.final` replaces the loss weights once its fraction of the run is done, on every rank alike."""
+    cfg = config(small_data, tmp_path / "run", (2, 1, 1), steps=4)
+    cfg["loss"] = {"final": {"start": 0.5, "energy": 0.0, "force": 0.0, "stress": 0.0}}
+    records = run_layout(cfg, 4, tmp_path / "final.pt")["records"]
+    for record in records[:2]:
+        assert record["loss"] > 10 * LossConfig().aux * record["aux"]
+    for record in records[2:]:
+        assert record["loss"] == pytest.approx(LossConfig().aux * record["aux"], rel=1e-9)

@@ -469,3 +469,22 @@ def test_final_loss_stage_switches_weights_part_way(small_data, tmp_path):
         assert record["loss"] > 10 * LossConfig().aux * record["aux"]
     for record in records[2:]:
         assert record["loss"] == pytest.approx(LossConfig().aux * record["aux"], rel=1e-9)
+
+
+GOLDEN = Path(__file__).parent / "golden" / "training_losses.json"
+
+
+def test_training_losses_match_the_recorded_run(small_data, tmp_path):
+    """The same model, data and seed give the same losses as the run recorded in ``GOLDEN``: a refactor
+    must not change what is trained. A deliberate change of the training math rewrites the file, with
+    ``MATRIS_UPDATE_GOLDEN=1``, in the same commit."""
+    ref = reference(small_data, tmp_path)
+    got = [{k: r[k] for k in ("step", "loss", "grad_norm", "aux", "atoms")} for r in ref["records"]]
+    if os.environ.get("MATRIS_UPDATE_GOLDEN") == "1":
+        GOLDEN.parent.mkdir(exist_ok=True)
+        GOLDEN.write_text(json.dumps(got, indent=1) + "\n")
+    want = json.loads(GOLDEN.read_text())
+    assert [r["step"] for r in got] == [r["step"] for r in want]
+    for a, b in zip(want, got, strict=True):
+        for key in ("loss", "grad_norm", "aux", "atoms"):
+            assert b[key] == pytest.approx(a[key], rel=1e-8), (a["step"], key)

@@ -77,6 +77,45 @@ def plan_chunks(config: DataConfig) -> list[Chunk]:
     return chunks
 
 
+PLAN_FILE = "plan.json"  # the planned chunk ids, so that progress can be read while chunks run
+
+
+@dataclass
+class ChunkProgress:
+    """Chunks of the plan whose summary is written, and the structures they accepted and quarantined."""
+
+    done: int = 0
+    total: int = 0
+    accepted: int = 0
+    quarantined: int = 0
+
+
+def write_plan(out_dir: Path, config: DataConfig, chunks: list[Chunk]) -> None:
+    """Record the planned chunks (``PLAN_FILE``): `chunk_progress` counts against it."""
+    plan = {"fingerprint": config.fingerprint(), "chunks": [c.chunk_id for c in chunks]}
+    write_atomic(Path(out_dir) / PLAN_FILE, json.dumps(plan))
+
+
+def chunk_progress(out_dir: Path, counted: dict[str, tuple[int, int]]) -> ChunkProgress | None:
+    """How far the planned chunks of ``out_dir`` are (None before a plan is written). Reads only the
+    summaries not yet in ``counted`` (chunk id: accepted, quarantined), which it fills in, so that polling
+    costs a directory listing."""
+    try:
+        plan = json.loads((Path(out_dir) / PLAN_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    written = {p.name.removesuffix(".json") for p in (Path(out_dir) / "parts").glob("*.json")}
+    for chunk_id in (set(plan["chunks"]) & written) - counted.keys():
+        try:
+            summary = json.loads((Path(out_dir) / "parts" / f"{chunk_id}.json").read_text())
+        except (OSError, ValueError):
+            continue
+        if summary.get("fingerprint") == plan["fingerprint"]:
+            counted[chunk_id] = (summary["n_structures"], summary["n_rejected"])
+    mine = [counted[c] for c in plan["chunks"] if c in counted and c in written]
+    return ChunkProgress(len(mine), len(plan["chunks"]), sum(a for a, _ in mine), sum(q for _, q in mine))
+
+
 def _paths(chunk: Chunk, out_dir: Path) -> tuple[Path, Path]:
     parts = Path(out_dir) / "parts"
     return parts / f"{chunk.chunk_id}.json", parts / f"{chunk.chunk_id}.quarantine.jsonl"

@@ -20,6 +20,7 @@ import pytest
 from janus.metrics import read, training_records
 from tests.conftest import ROOT, SMALL_RUN, parsl_run
 from tests.test_hostile_data import HYDROGEN, frame
+from workflows.rundir import RunPaths
 
 pytestmark = pytest.mark.slow
 
@@ -80,10 +81,10 @@ def test_status_of_a_finished_run(finished):
 
 def test_monitoring_records_the_run_tasks(finished):
     run_dir, _ = finished
-    database = run_dir / "runinfo" / "monitoring.db"
+    database = RunPaths(run_dir).monitoring_db
     with contextlib.closing(sqlite3.connect(database)) as db:
         workflows = db.execute(
-            "SELECT workflow_name, tasks_completed, tasks_failed_count FROM workflow"
+            "SELECT workflow_name, tasks_completed_count, tasks_failed_count FROM workflow"
         ).fetchall()
         tasks = db.execute("SELECT task_func_name, count(*) FROM task GROUP BY task_func_name").fetchall()
     chunks = len(json.loads((run_dir / "data" / "plan.json").read_text())["chunks"])
@@ -125,7 +126,7 @@ def test_status_of_a_run_killed_in_training(finished, tmp_path):
     step = max(r["step"] for r in training_records(read(metrics)))
     text = status(run_dir)
     assert f"run {run_dir} on site 'local': interrupted" in text
-    assert re.search(rf"│ train +│ interrupted \(.*step {step} of 40, loss", text), text
+    assert re.search(r"│ train +│ interrupted \(", text) and f"training: step {step} of 40, loss" in text
     assert re.search(r"│ data +│ (ran|skipped)", text) and re.search(r"│ export +│ pending", text)
     assert "rerun the same command to resume" in text
 
@@ -140,6 +141,6 @@ def test_status_of_a_run_whose_data_stage_failed(tmp_path):
     text = status(run_dir)
     assert f"run {run_dir} on site 'local': failed" in text
     assert re.search(r"│ data +│ failed \(", text) and re.search(r"│ train +│ pending", text)
-    assert "chunk 1 of 1 done, 0 structures accepted, 1 quarantined" in text
+    assert "data: chunk 1 of 1 done, 0 structures accepted, 1 quarantined" in text
     assert f"stage data failed: EmptyDatasetError: no training structures from {rejected}" in text
     assert "newest checkpoint: none yet" in text

@@ -17,7 +17,8 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from workflows.progress import duration, stage_progress, stage_text, train_text
+from workflows.progress import data_text, duration, stage_text, train_text
+from workflows.rundir import RunPaths
 from workflows.runstate import RunReader, RunState, failure_cause, newest_checkpoint, parsl_jobs
 
 HINTS = {
@@ -61,12 +62,13 @@ def print_state(console: Console, run_dir: Path, state: RunState) -> None:
         written = f"; summary written {duration(time.time() - state.written)} ago" if state.written else ""
         say(console, f"  last parsl-run: {state.holder}{written}")
     table = Table(title="stages", title_justify="left")
-    for column in ("stage", "status", "started", "progress"):
+    for column in ("stage", "status", "started"):
         table.add_column(column)
     for stage in state.stages:
-        started = _clock(stage.start)
-        table.add_row(stage.name, stage_text(stage), started, stage_progress(stage, state))
+        table.add_row(stage.name, stage_text(stage), _clock(stage.start))
     console.print(table)
+    if state.data is not None:
+        say(console, f"data: {data_text(state.data)}")
     for stage in state.stages:
         if stage.status == "failed":
             say(console, f"stage {stage.name} failed: {failure_cause(stage.detail)}")
@@ -115,6 +117,9 @@ def print_parsl(console: Console, run_dir: Path, state: RunState) -> None:
     logs = [parsl_dir / "parsl.log", parsl_dir / "submit_scripts", run_dir / "train" / "train.log",
             run_dir / "train" / "train.err"]  # fmt: skip
     say(console, "logs: " + ", ".join(str(p) for p in logs if p.exists()))
+    database = RunPaths(run_dir).monitoring_db
+    if database.is_file():
+        say(console, f"Parsl monitoring: parsl-visualize sqlite:///{database}")
 
 
 def print_plot(console: Console, reader: RunReader, path: Path | None) -> None:

@@ -151,8 +151,17 @@ class Watcher:
         self.thread = threading.Thread(target=self._loop, name="parsl-run-progress", daemon=True)
 
     def _loop(self) -> None:
-        while not self.stopped.wait(POLL_S):
-            self.show()
+        while not self.stopped.wait(POLL_S) and self.show_safely():
+            pass
+
+    def show_safely(self, final: bool = False) -> bool:
+        """`show`; a view that fails says so once and stops, and never stops the run. False if it failed."""
+        try:
+            self.show(final)
+        except Exception as error:
+            print(f"parsl-run: warning: progress view stopped: {type(error).__name__}: {error}", flush=True)
+            return False
+        return True
 
     def show(self, final: bool = False) -> None:
         state = self.reader.read()
@@ -162,7 +171,7 @@ class Watcher:
     def stop(self) -> None:
         self.stopped.set()
         self.thread.join()
-        self.show(final=True)  # what happened since the last reading: the last step, the last stage
+        self.show_safely(final=True)  # what happened since the last reading: the last step, the last stage
         self.view.close()
 
 
@@ -172,7 +181,7 @@ def live_progress(run_dir: Path, console: Console | None = None) -> Iterator[Non
     console = console or Console()
     view = LiveView(console) if console.is_terminal else PlainView(console)
     watcher = Watcher(RunReader(run_dir), view)
-    watcher.show()
+    watcher.show_safely()
     watcher.thread.start()
     try:
         yield

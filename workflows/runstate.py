@@ -4,7 +4,7 @@ The one reader of run-dir state: the live progress of `parsl-run` (`workflows.pr
 times a second from the parsl-run process, and ``parsl-run status RUN_DIR`` (`workflows.status`) reads it
 once, from any machine that sees the directory. It never contacts Parsl, the trainer or a scheduler:
 stage states come from ``summary.json`` (rewritten by `parsl-run` at each stage's start and end), data
-preparation's progress from the chunk summaries (`data_prep.pipeline.chunk_progress`), training's from
+preparation's progress from the chunk summaries (`data_prep.pipeline.ChunkCounter`), training's from
 ``train/metrics.jsonl``, read as it grows.
 """
 
@@ -20,7 +20,7 @@ from typing import Any
 
 import yaml
 
-from data_prep.pipeline import ChunkProgress, chunk_progress
+from data_prep.pipeline import ChunkCounter, ChunkProgress
 from janus.metrics import VALIDATION
 from workflows.rundir import RunPaths, holder_alive, last_holder
 
@@ -152,7 +152,7 @@ class RunReader:
     def __init__(self, run_dir: Path) -> None:
         self.paths = RunPaths(Path(run_dir))
         self.metrics = MetricsFollower(self.paths.train / "metrics.jsonl")
-        self._chunks: dict[str, tuple[int, int]] = {}
+        self._chunks = ChunkCounter(self.paths.data)
         self._train_config: dict[str, Any] | None = None
         self._data: ChunkProgress | None = None
 
@@ -173,7 +173,7 @@ class RunReader:
         self.metrics.poll()
         train = self._train()
         if self._data is None or any(s.name == "data" and s.status == "running" for s in stages):
-            self._data = chunk_progress(self.paths.data, self._chunks)  # else as it ended: save the listing
+            self._data = self._chunks.progress()
         return RunState(
             stages=stages, state=state, site=summary.get("site"), data=self._data,
             training=self.metrics.training(train.get("steps"), train.get("time_budget_s")),

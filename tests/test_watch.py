@@ -50,7 +50,7 @@ def test_plain_progress_names_each_stage_and_reaches_the_last_step(finished):
     lines = output.splitlines()
     for stage in ("data", "train", "export", "evaluate"):
         assert f"parsl-run: {stage}: running" in lines, stage
-        assert any(line.startswith(f"parsl-run: {stage}: ran (") for line in lines), stage
+        assert any(line.startswith(f"parsl-run: {stage}: ran, ") for line in lines), stage
     chunks = [line for line in lines if line.startswith("parsl-run: data: chunk ")]
     assert re.fullmatch(r"parsl-run: data: chunk (\d+) of \1 done, 4,104 structures accepted, 0 quarantined",
                         chunks[-1]), chunks  # fmt: skip
@@ -64,12 +64,12 @@ def test_plain_progress_names_each_stage_and_reaches_the_last_step(finished):
     assert "\x1b[" not in output, "no terminal control codes in plain mode"
 
 
-def test_status_of_a_finished_run(finished):
+def test_status_of_a_finished_run(finished, tmp_path):
     run_dir, _ = finished
     text = status(run_dir, "--plot", str(run_dir / "now.png"))
     assert f"run {run_dir} on site 'local': finished" in text
     for stage in ("data", "train", "export", "evaluate"):
-        assert re.search(rf"│ {stage} +│ ran \(", text), stage
+        assert re.search(rf"│ {stage} +│ ran, ", text), stage
     assert "step 6 of 6, loss" in text and "atoms/s" in text
     assert "validation at step 6" in text and "crystal-pbe" in text and "molecule-gfn2" in text
     assert f"newest checkpoint: {run_dir}/train/checkpoints/step_000000006 (verified)" in text
@@ -77,6 +77,11 @@ def test_status_of_a_finished_run(finished):
     assert f"{run_dir}/runinfo/000/parsl.log" in text and f"{run_dir}/train/train.err" in text
     assert "held-out errors" in text
     assert (run_dir / "now.png").read_bytes()[:4] == b"\x89PNG"
+    moved = tmp_path / "elsewhere"  # as a run dir mounted at another path, or copied from another site
+    shutil.copytree(run_dir, moved)
+    text = status(moved, "--no-verify")
+    assert f"run {moved} on site 'local': finished" in text and f"{moved}/runinfo/000/parsl.log" in text
+    assert f"{moved}/train/checkpoints/step_000000006 (not verified)" in text
 
 
 def test_monitoring_records_the_run_tasks(finished):
@@ -114,7 +119,7 @@ def test_status_of_a_run_killed_in_training(finished, tmp_path):
             assert run.poll() is None, "parsl-run ended before training got going"
             time.sleep(0.5)
         text = status(run_dir, "--no-verify")
-        assert f"run {run_dir} on site 'local': running" in text and re.search(r"│ train +│ running \(", text)
+        assert f"run {run_dir} on site 'local': running" in text and re.search(r"│ train +│ running, ", text)
     finally:
         os.killpg(run.pid, signal.SIGKILL)  # parsl-run and the training ranks, as a lost job or kill -9
         run.wait()
@@ -126,7 +131,7 @@ def test_status_of_a_run_killed_in_training(finished, tmp_path):
     step = max(r["step"] for r in training_records(read(metrics)))
     text = status(run_dir)
     assert f"run {run_dir} on site 'local': interrupted" in text
-    assert re.search(r"│ train +│ interrupted \(", text) and f"training: step {step} of 40, loss" in text
+    assert re.search(r"│ train +│ interrupted, ", text) and f"training: step {step} of 40, loss" in text
     assert re.search(r"│ data +│ (ran|skipped)", text) and re.search(r"│ export +│ pending", text)
     assert "rerun the same command to resume" in text
 
@@ -140,7 +145,28 @@ def test_status_of_a_run_whose_data_stage_failed(tmp_path):
     assert result.returncode == 1, result.stdout + result.stderr
     text = status(run_dir)
     assert f"run {run_dir} on site 'local': failed" in text
-    assert re.search(r"│ data +│ failed \(", text) and re.search(r"│ train +│ pending", text)
+    assert re.search(r"│ data +│ failed, ", text) and re.search(r"│ train +│ pending", text)
     assert "data: chunk 1 of 1 done, 0 structures accepted, 1 quarantined" in text
     assert f"stage data failed: EmptyDatasetError: no training structures from {rejected}" in text
     assert "newest checkpoint: none yet" in text
+
+
+def test_the_cause_of_a_failed_stage_is_one_line():
+    """The Parsl error, then the tail of ``train.err`` (`workflows.pretrain`): the line that names why."""
+    from workflows.runstate import failure_cause
+
+    killed = """BashExitFailure: bash_app train failed with unix exit code 1
+    [0]:
+      rank      : 0 (local_rank: 0)
+      exitcode  : -9 (pid: 4242)
+      traceback : Signal 9 (SIGKILL) received by PID 4242
+    ============================================================
+    (full log: /run/train/train.err)"""
+    assert failure_cause(killed) == "traceback : Signal 9 (SIGKILL) received by PID 4242"
+    raised = """BashExitFailure: bash_app train failed with unix exit code 2
+    File "/x/janus/train.py", line 120, in __init__
+    janus.train: model cutoff 6.0 Å exceeds the data's graph cutoff 5.0 Å
+    (full log: /run/train/train.err)"""
+    assert failure_cause(raised) == "janus.train: model cutoff 6.0 Å exceeds the data's graph cutoff 5.0 Å"
+    one_line = "EmptyDatasetError: no training structures from in.extxyz"
+    assert failure_cause(one_line) == one_line

@@ -7,13 +7,16 @@ bash app that starts every rank through the site's launcher; export consolidates
 into the deployable model; evaluation scores that exported model on the held-out split, so the numbers
 describe the artifact users load. Rerunning the same command with the same run directory resumes: cached
 apps are skipped (Parsl checkpoints in ``RUN_DIR/runinfo``), each stage re-checks its outputs, and a
-killed training continues from its last checkpoint.
+killed training continues from its last checkpoint. While it runs, the console shows each stage's progress
+(`workflows.progress`) and ``summary.json`` is rewritten as each stage starts and ends, for
+``parsl-run status`` (`workflows.status`).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -247,7 +250,7 @@ def write_summary(
         "site": ctx.site.name,
         "run_dir": str(paths.root),
         "state": state,
-        "parsl_run_dir": parsl_run_dir,
+        "parsl_run_dir": os.path.relpath(parsl_run_dir, paths.root),  # the run dir may be moved or mounted
         "written": time.time(),
         "stages": {name: vars(record) for name, record in records.items()},
     }

@@ -64,7 +64,7 @@ def train_text(training: TrainingState) -> str:
 
 def stage_text(stage: StageState) -> str:
     seconds = stage.seconds
-    return stage.status + (f" ({duration(seconds)})" if seconds is not None else "")
+    return stage.status + (f", {duration(seconds)}" if seconds is not None else "")
 
 
 def stage_progress(stage: StageState, state: RunState) -> str:

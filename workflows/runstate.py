@@ -142,7 +142,7 @@ class RunState:
     training: TrainingState
     holder: str  # the lock-file line of the last parsl-run here
     written: float | None  # when parsl-run last wrote summary.json
-    parsl_run_dir: str | None
+    parsl_run_dir: str | None  # Parsl's run information of the last parsl-run, relative to the run dir
 
 
 class RunReader:
@@ -205,7 +205,7 @@ def _read_json(path: Path) -> dict[str, Any] | None:
     return data if isinstance(data, dict) else None
 
 
-CAUSE = re.compile(r"(\w+(Error|Exception|Interrupt|Failure)\b|^janus[.\w]*:|exit code|[Kk]illed)")
+CAUSE = re.compile(r"(\w+(Error|Exception|Interrupt|Failure)\b|^janus[.\w]*:|exit code|[Kk]illed|Signal \d+)")
 
 
 def failure_cause(detail: str) -> str:

@@ -110,7 +110,7 @@ def print_training(console: Console, reader: RunReader, state: RunState, verify:
 def print_parsl(console: Console, run_dir: Path, state: RunState) -> None:
     if not state.parsl_run_dir:
         return
-    parsl_dir = Path(state.parsl_run_dir)
+    parsl_dir = run_dir / state.parsl_run_dir
     jobs = parsl_jobs(parsl_dir / "parsl.log")
     listed = ", ".join(f"{executor} block {block}: {job}" for executor, block, job in jobs) or "none"
     say(console, f"Parsl jobs (executor block: job id): {listed}")

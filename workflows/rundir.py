@@ -192,7 +192,7 @@ def set_aside_unreadable_memos(paths: RunPaths) -> list[str]:
     (`BadCheckpoint`), and each stage verifies its own outputs anyway. Read as Parsl reads them (a pickle
     stream of this run's own files: the same trust as Parsl's); returns a line per file set aside."""
     moved = []
-    for memo in sorted(paths.root.glob("runinfo/*/checkpoint/tasks.pkl")):
+    for memo in sorted(paths.runinfo.glob("*/checkpoint/tasks.pkl")):
         try:
             with open(memo, "rb") as handle:
                 while True:

@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
+import time
 import warnings
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
@@ -75,6 +77,71 @@ def plan_chunks(config: DataConfig) -> list[Chunk]:
         for start, stop, offset in plan_records(Path(source), fmt, config.shard_size):
             chunks.append(Chunk(str(source), fmt, start, stop, offset))
     return chunks
+
+
+PLAN_FILE = "plan.json"  # the planned chunk ids, so that progress can be read while chunks run
+
+
+@dataclass
+class ChunkProgress:
+    """Chunks of the plan whose summary is written, and the structures they accepted and quarantined."""
+
+    done: int = 0
+    total: int = 0
+    accepted: int = 0
+    quarantined: int = 0
+
+
+def write_plan(out_dir: Path, config: DataConfig, chunks: list[Chunk]) -> None:
+    """Record the planned chunks (``PLAN_FILE``): `chunk_progress` counts against it."""
+    plan = {"fingerprint": config.fingerprint(), "chunks": [c.chunk_id for c in chunks]}
+    write_atomic(Path(out_dir) / PLAN_FILE, json.dumps(plan))
+
+
+class ChunkCounter:
+    """How far the planned chunks of ``out_dir`` are, read as they are written. Each chunk summary is read
+    once, and the ``parts`` folder is listed again only when it changed (its mtime) or ``RELIST_S`` passed,
+    so that polling a preparation of thousands of chunks costs a ``stat``."""
+
+    RELIST_S = 5.0
+
+    def __init__(self, out_dir: Path) -> None:
+        self.out_dir = Path(out_dir)
+        self.counted: dict[str, tuple[int, int]] = {}  # chunk id: accepted, quarantined
+        self._seen: tuple[float, float] | None = None  # (mtime of parts/, when listed)
+        self._last: ChunkProgress | None = None
+
+    def progress(self) -> ChunkProgress | None:
+        """None before a plan is written."""
+        try:
+            changed = (self.out_dir / "parts").stat().st_mtime_ns
+        except OSError:
+            changed = 0
+        if self._seen and self._seen[0] == changed and time.monotonic() - self._seen[1] < self.RELIST_S:
+            return self._last
+        self._seen = (changed, time.monotonic())
+        self._last = self._count()
+        return self._last
+
+    def _count(self) -> ChunkProgress | None:
+        try:
+            plan = json.loads((self.out_dir / PLAN_FILE).read_text())
+        except (OSError, ValueError):
+            self._seen = None  # no plan yet: look again next time
+            return None
+        try:
+            written = {n[:-5] for n in os.listdir(self.out_dir / "parts") if n.endswith(".json")}
+        except OSError:
+            written = set()
+        for chunk_id in (set(plan["chunks"]) & written) - self.counted.keys():
+            try:
+                summary = json.loads((self.out_dir / "parts" / f"{chunk_id}.json").read_text())
+            except (OSError, ValueError):
+                continue
+            if summary.get("fingerprint") == plan["fingerprint"]:
+                self.counted[chunk_id] = (summary["n_structures"], summary["n_rejected"])
+        mine = [self.counted[c] for c in plan["chunks"] if c in self.counted and c in written]
+        return ChunkProgress(len(mine), len(plan["chunks"]), sum(a for a, _ in mine), sum(q for _, q in mine))
 
 
 def _paths(chunk: Chunk, out_dir: Path) -> tuple[Path, Path]:

@@ -59,10 +59,10 @@ def checkpoint_dir(root: Path, step: int) -> Path:
 
 def latest(root: Path) -> Path | None:
     """The newest complete checkpoint under ``root``, or None; not verified (`verify`, `resume` do that)."""
-    return next(iter(_complete(root)), None)
+    return next(iter(complete(root)), None)
 
 
-def _complete(root: Path) -> list[Path]:
+def complete(root: Path) -> list[Path]:
     """Complete checkpoints under ``root``, newest first."""
     root = Path(root)
     if not root.is_dir():
@@ -139,7 +139,7 @@ def resume(
     ``step_*.corrupt``. If none loads, nothing is moved and `CheckpointError` names them all: starting
     afresh over them is the user's decision."""
     failed: list[tuple[Path, str]] = []
-    for path in _from_rank0(lambda: _complete(root)):
+    for path in _from_rank0(lambda: complete(root)):
         wrong = _from_rank0(lambda p=path: problem(p))
         if wrong is None:
             state, wrong = _attempt(path, model, optimizer, extra)

@@ -6,12 +6,15 @@ need no display and leave no global state in a Parsl worker that plots several r
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+
+from matris.io import write_atomic
 
 MAX_POINTS = 5000  # force components drawn per task; more only slows the PNG down
 
@@ -84,7 +87,9 @@ def training_curves(metrics_jsonl: Path, path: Path) -> Path | None:
     speed.set_title("throughput (atoms/s)")
     for ax in (loss, parts, forces, lr, speed, energies):
         ax.set_xlabel("step")
-    figure.savefig(path, dpi=110)
+    png = io.BytesIO()
+    figure.savefig(png, format="png", dpi=110)
+    write_atomic(Path(path), png.getvalue())  # `parsl-run status --plot` may draw it while a run does
     return Path(path)
 
 

@@ -139,3 +139,27 @@ def resolve(name: str, overrides: dict[str, Any], path: Path | None = None) -> S
             source = f"{path}: " if error["loc"][0] in from_file else ""
             problems.append(f"{source}site.{field}: {message}")
         raise ValueError("; ".join(problems)) from None
+
+
+def monitoring_hub(site: SiteConfig) -> Any:
+    """Parsl's `MonitoringHub` when ``site.monitoring`` is on (else None). Its database is Parsl's default,
+    ``monitoring.db`` in the Config's ``run_dir`` (`workflows.rundir.RunPaths.monitoring_db`); the hub needs
+    Parsl's ``monitoring`` extra (SQLAlchemy), which `require_monitoring` checks before anything starts."""
+    if not site.monitoring:
+        return None
+    from parsl.monitoring import MonitoringHub
+
+    return MonitoringHub(workflow_name="matris-janus", resource_monitoring_interval=10)
+
+
+def require_monitoring(site: SiteConfig) -> None:
+    """Raise ValueError naming the missing package when ``site.monitoring`` is on and cannot work here."""
+    if not site.monitoring:
+        return
+    try:
+        import parsl.monitoring.db_manager  # noqa: F401 (imports SQLAlchemy, as the hub does)
+    except ImportError as error:
+        raise ValueError(
+            f"site.monitoring needs Parsl's monitoring extra ({error}); "
+            "pip install 'matris-janus[monitoring]' or 'parsl[monitoring]'"
+        ) from None

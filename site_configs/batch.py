@@ -43,6 +43,7 @@ from parsl.providers import PBSProProvider, SlurmProvider
 from parsl.providers.cluster_provider import ClusterProvider
 from parsl.providers.errors import ExecutionProviderException
 
+from site_configs import monitoring_hub
 from site_configs.local import environment_exports, python_path_init
 from site_configs.schema import SiteConfig, require_safe_path
 
@@ -69,6 +70,7 @@ def parsl_config(site: SiteConfig, run_dir: Path, strategy_period: float = 5.0) 
         run_dir=str(run_dir / "runinfo"),
         memoizer=BasicMemoizer(checkpoint_mode="task_exit"),
         retries=site.retries,
+        monitoring=monitoring_hub(site),
         retry_handler=retry_handler,
         # Not "htex_auto_scale": in Parsl 2026.10.26 its scale-in asks HTEX to cancel 0 blocks, and
         # HighThroughputExecutor.scale_in(0, max_idletime) then cancels every block whose workers have not

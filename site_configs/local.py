@@ -19,6 +19,7 @@ from parsl.executors import HighThroughputExecutor, ThreadPoolExecutor
 from parsl.launchers import SingleNodeLauncher
 from parsl.providers import LocalProvider
 
+from site_configs import monitoring_hub
 from site_configs.schema import SiteConfig
 
 DEFAULTS = {
@@ -58,6 +59,7 @@ def parsl_config(site: SiteConfig, run_dir: Path) -> Config:
         run_dir=str(run_dir / "runinfo"),
         memoizer=BasicMemoizer(checkpoint_mode="task_exit"),
         retries=site.retries,
+        monitoring=monitoring_hub(site),
         strategy="simple",
         max_idletime=30.0,
     )

@@ -130,6 +130,7 @@ class SiteConfig(BaseModel):
     stage_workers: int = Field(2, ge=1, description="concurrent data/eval/export tasks per node")
     stage_blocks: int = Field(1, ge=1, description="most one-node blocks running stage tasks at once")
     retries: int = Field(0, ge=0, description="retry budget of a task lost to a node, block or walltime")
+    monitoring: bool = Field(False, description="Parsl's MonitoringHub: a task database for parsl-visualize")
 
     @model_validator(mode="after")
     def _consistent(self) -> SiteConfig:

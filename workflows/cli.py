@@ -31,6 +31,7 @@ EPILOG = """examples:
   parsl-run workflows/pretrain.py --site local --dry-run
   parsl-run workflows/scaling.py --site frontier --set scaling.nodes=[1,2,4,8] --schedule nightly
   parsl-run --list-sites
+  parsl-run status runs/pretrain-local [--plot]   # how a running or finished run is doing
 """
 
 
@@ -91,6 +92,7 @@ def make_context(args: argparse.Namespace) -> tuple[ModuleType, WorkflowContext]
     run = resolve_run_config(workflow.CONFIG, args.config, args.set)
     try:
         site = site_configs.resolve(args.site, run.site.given(), args.sites_file)
+        site_configs.require_monitoring(site)
     except (ValidationError, ValueError) as err:
         raise ConfigError(f"site {args.site!r}: {err}") from err
     run_dir = (args.run_dir or Path("runs") / f"{Path(args.workflow).stem}-{args.site}").resolve()
@@ -149,6 +151,11 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["status"]:
+        from workflows.status import main as status
+
+        return status(argv[1:])
     args = parser().parse_args(argv)
     if args.list_sites:
         for name in site_configs.available_sites():

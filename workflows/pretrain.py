@@ -7,16 +7,19 @@ bash app that starts every rank through the site's launcher; export consolidates
 into the deployable model; evaluation scores that exported model on the held-out split, so the numbers
 describe the artifact users load. Rerunning the same command with the same run directory resumes: cached
 apps are skipped (Parsl checkpoints in ``RUN_DIR/runinfo``), each stage re-checks its outputs, and a
-killed training continues from its last checkpoint.
+killed training continues from its last checkpoint. While it runs, the console shows each stage's progress
+(`workflows.progress`) and ``summary.json`` is rewritten as each stage starts and ends, for
+``parsl-run status`` (`workflows.status`).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import yaml
@@ -89,6 +92,7 @@ def _run(ctx) -> int:
     import parsl
 
     from workflows import stages
+    from workflows.progress import live_progress
     from workflows.report import print_evaluation, print_stage_table
 
     run_cfg: RunConfig = ctx.run
@@ -113,19 +117,27 @@ def _run(ctx) -> int:
     records = {name: StageRecord() for name in STAGES}
     for line in set_aside_unreadable_memos(paths):
         print(f"parsl-run: {line}", flush=True)
-    parsl.load(ctx.site_module.parsl_config(ctx.site, paths.root))
-    failed = None
+    dfk = parsl.load(ctx.site_module.parsl_config(ctx.site, paths.root))
+    failed, state = None, "interrupted"
+
+    def report() -> None:
+        write_summary(paths, records, ctx, "running", dfk.run_dir)
+
     try:
-        failed = wait(submit(ctx, paths), records, complete_before, paths, run_cfg, STAGES)
-        stale = [name for name in STAGES if records[name].status == "stale"]
-        if stale and failed is None:
-            print(f"parsl-run: cached results of {', '.join(stale)} no longer match their outputs; rerunning")
-            again = STAGES[STAGES.index(stale[0]) :]
-            futures = submit(ctx, paths, salt=time.time_ns(), rerun_from=stale[0])
-            failed = wait(futures, records, complete_before, paths, run_cfg, again)
+        report()
+        with live_progress(paths.root):
+            failed = wait(submit(ctx, paths), records, complete_before, paths, run_cfg, STAGES, report)
+            stale = [name for name in STAGES if records[name].status == "stale"]
+            if stale and failed is None:
+                print(f"parsl-run: cached results of {', '.join(stale)} no longer match their outputs; "
+                      "rerunning", flush=True)  # fmt: skip
+                again = STAGES[STAGES.index(stale[0]) :]
+                futures = submit(ctx, paths, salt=time.time_ns(), rerun_from=stale[0])
+                failed = wait(futures, records, complete_before, paths, run_cfg, again, report)
+        state = "failed" if failed else "finished"
     finally:
-        parsl.dfk().cleanup()
-        write_summary(paths, records, ctx)
+        dfk.cleanup()
+        write_summary(paths, records, ctx, state, dfk.run_dir)
     print_stage_table(records)
     if failed:
         print(f"parsl-run: stage {failed!r} failed: {records[failed].detail}")
@@ -163,8 +175,10 @@ def submit(ctx, paths: RunPaths, salt: int = 0, rerun_from: str | None = None) -
 
 
 def wait(futures: dict[str, list], records: dict[str, StageRecord], complete_before: dict[str, bool],
-         paths: RunPaths, run_cfg: RunConfig, recorded: tuple[str, ...]) -> str | None:  # fmt: skip
-    """Wait stage by stage; record how the ``recorded`` stages ended. Returns the first failed stage."""
+         paths: RunPaths, run_cfg: RunConfig, recorded: tuple[str, ...],
+         report: Callable[[], None]) -> str | None:  # fmt: skip
+    """Wait stage by stage; record how the ``recorded`` stages ended, calling ``report`` as each starts
+    and ends. Returns the first failed stage."""
     from workflows import stages
 
     verify = {
@@ -181,9 +195,10 @@ def wait(futures: dict[str, list], records: dict[str, StageRecord], complete_bef
     }
     for name in STAGES:
         record = records[name] if name in recorded else StageRecord()
+        if name in recorded:
+            record.status, record.start = "running", time.time()
+            report()
         try:
-            if name == "train":
-                follow_validation(futures[name][0], paths.train / "metrics.jsonl")
             for future in futures[name]:
                 future.result()
         except Exception as err:  # a Parsl app failure: report it, stop waiting
@@ -205,30 +220,9 @@ def wait(futures: dict[str, list], records: dict[str, StageRecord], complete_bef
             record.status = "skipped (outputs verified)"
         else:
             record.status = "ran"
+        if name in recorded:
+            report()
     return None
-
-
-def follow_validation(future, metrics_path: Path, poll_s: float = 2.0) -> None:
-    """Until ``future`` is done, print each validation line the trainer appends to ``metrics_path``."""
-    from janus.metrics import VALIDATION
-    from janus.validation import describe
-
-    offset = 0
-    while True:
-        done = future.done()
-        if metrics_path.is_file():
-            with metrics_path.open("rb") as handle:
-                handle.seek(offset)
-                text = handle.read()
-            complete = text[: text.rfind(b"\n") + 1]
-            offset += len(complete)
-            for line in complete.decode().splitlines():
-                record = json.loads(line) if line.startswith("{") else {}
-                if record.get("kind") == VALIDATION:
-                    print(describe([record]), flush=True)
-        if done:
-            return
-        time.sleep(poll_s)
 
 
 def _times(futures: list) -> tuple[float | None, float | None]:
@@ -247,11 +241,16 @@ def _describe_failure(err: Exception, paths: RunPaths, name: str) -> str:
     return text
 
 
-def write_summary(paths: RunPaths, records: dict[str, StageRecord], ctx) -> None:
-
+def write_summary(
+    paths: RunPaths, records: dict[str, StageRecord], ctx, state: str, parsl_run_dir: str
+) -> None:
+    """``summary.json``: the run's ``state`` (running, finished, failed, interrupted) and each stage's;
+    rewritten as each stage starts and ends, for ``parsl-run status`` (`workflows.runstate`)."""
     summary = {
         "site": ctx.site.name,
         "run_dir": str(paths.root),
+        "state": state,
+        "parsl_run_dir": os.path.relpath(parsl_run_dir, paths.root),  # the run dir may be moved or mounted
         "written": time.time(),
         "stages": {name: vars(record) for name, record in records.items()},
     }

@@ -71,6 +71,7 @@ class SiteFields(Strict):
     stage_workers: int | None = None
     stage_blocks: int | None = None
     retries: int | None = None
+    monitoring: bool | None = None
 
     def given(self) -> dict[str, Any]:
         return {k: v for k, v in self.model_dump().items() if v is not None}

@@ -69,6 +69,16 @@ class RunPaths:
     def lock(self) -> Path:
         return self.root / ".parsl-run.lock"
 
+    @property
+    def runinfo(self) -> Path:
+        """Parsl's run information: one numbered folder per `parsl-run` (``parsl.log``, submit scripts)."""
+        return self.root / "runinfo"
+
+    @property
+    def monitoring_db(self) -> Path:
+        """Parsl's MonitoringHub database, with ``site.monitoring`` on (read by ``parsl-visualize``)."""
+        return self.runinfo / "monitoring.db"
+
 
 def flatten(data: Any, prefix: str = "") -> dict[str, Any]:
     if isinstance(data, dict):
@@ -146,16 +156,34 @@ def exclusive(paths: RunPaths) -> Iterator[None]:
 
 def _if_gone(holder: str, lock: Path) -> str:
     """A hint when the recorded holder died on this host: a process it started still holds the lock."""
+    if holder_alive(holder) is False:
+        return f" (that process has ended; one it started still holds the lock: `fuser -v {lock}`)"
+    return ""
+
+
+def last_holder(paths: RunPaths) -> str:
+    """The line the last `parsl-run` in ``paths`` wrote into the lock file (empty if none ran)."""
+    try:
+        return paths.lock.read_text().strip()
+    except OSError:
+        return ""
+
+
+def holder_alive(holder: str) -> bool | None:
+    """Whether the process named by a lock-file line still runs; None when that cannot be told here (it
+    ran on another host, or the line is not one `exclusive` wrote)."""
     words = holder.split()
     if len(words) < 5 or words[:2] != ["parsl-run", "pid"] or words[4] != os.uname().nodename:
-        return ""
+        return None
     try:
         os.kill(int(words[2]), 0)
     except ProcessLookupError:
-        return f" (that process has ended; one it started still holds the lock: `fuser -v {lock}`)"
-    except (ValueError, PermissionError):
-        return ""
-    return ""
+        return False
+    except PermissionError:
+        return True
+    except ValueError:
+        return None
+    return True
 
 
 def set_aside_unreadable_memos(paths: RunPaths) -> list[str]:
@@ -164,7 +192,7 @@ def set_aside_unreadable_memos(paths: RunPaths) -> list[str]:
     (`BadCheckpoint`), and each stage verifies its own outputs anyway. Read as Parsl reads them (a pickle
     stream of this run's own files: the same trust as Parsl's); returns a line per file set aside."""
     moved = []
-    for memo in sorted(paths.root.glob("runinfo/*/checkpoint/tasks.pkl")):
+    for memo in sorted(paths.runinfo.glob("*/checkpoint/tasks.pkl")):
         try:
             with open(memo, "rb") as handle:
                 while True:

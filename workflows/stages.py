@@ -101,11 +101,14 @@ def evaluate(
 
 
 def submit_data(data, data_dir: Path, attempt: int = 0) -> tuple[list, Any]:
-    """One cached app per input chunk, then the manifest app; returns (chunk futures, manifest future)."""
-    from data_prep.pipeline import plan_chunks
+    """One cached app per input chunk, then the manifest app; returns (chunk futures, manifest future).
+    The plan is written first, so that the progress view counts chunks against it."""
+    from data_prep.pipeline import plan_chunks, write_plan
 
     data_cfg = data.model_dump(mode="json")
-    chunks = [prepare_chunk(asdict(c), data_cfg, str(data_dir), attempt=attempt) for c in plan_chunks(data)]
+    planned = plan_chunks(data)
+    write_plan(data_dir, data, planned)
+    chunks = [prepare_chunk(asdict(c), data_cfg, str(data_dir), attempt=attempt) for c in planned]
     manifest_file = File(str(data_dir / "manifest.json"))
     manifest = finalize_data(data_cfg, str(data_dir), attempt=attempt, inputs=chunks, outputs=[manifest_file])
     return chunks, manifest

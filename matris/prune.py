@@ -16,7 +16,7 @@ import torch
 from ase.data import atomic_numbers, chemical_symbols
 
 from matris.model import MatRIS
-from matris.moe import MoE
+from matris.moe import MoE, deferred_experts, materialize_experts
 
 ALLOWED = "allowed_elements"
 
@@ -60,7 +60,7 @@ def prune_elements(model: MatRIS, elements: Iterable[int]) -> MatRIS:
         raise ValueError("the model has no MoE layers: there are no experts to prune")
     reachable = {name: reachable_experts(m, elements) for name, m in layers.items()}
     size = max(len(experts) for experts in reachable.values())
-    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    state = dict(model.state_dict())  # kept experts are indexed copies; `load_state_dict` copies the rest
     for name, experts in reachable.items():
         spare = [e for e in range(config.num_experts) if e not in experts][: size - len(experts)]
         keep = torch.tensor(sorted(experts + spare))
@@ -69,7 +69,9 @@ def prune_elements(model: MatRIS, elements: Iterable[int]) -> MatRIS:
             state[f"{name}.experts.{w}"] = state[f"{name}.experts.{w}"][keep]
     state.pop(ALLOWED, None)
     dtype = next(model.parameters()).dtype
-    pruned = MatRIS(config.model_copy(update={"num_experts": size})).to(dtype)
+    with deferred_experts():
+        pruned = MatRIS(config.model_copy(update={"num_experts": size})).to(dtype)
+    materialize_experts(pruned, initialize=False)
     pruned.load_state_dict(state, strict=True)
     restrict_elements(pruned, elements)
     return pruned.eval()

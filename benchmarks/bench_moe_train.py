@@ -1,7 +1,7 @@
 """MoE training at the published size on CPU ranks: train, checkpoint, resume on another rank count, export
 pruned, evaluate, each through the command users run, with each process's peak resident memory.
 
-    python benchmarks/bench_moe_train.py [--preset moe-s] [--blocks N] [--experts E] [--ranks 2]
+    python benchmarks/bench_moe_train.py [--preset moe-s] [--blocks N] [--experts E] [--top-k K] [--ranks 2]
         [--resume-ranks 1] [--steps 2] [--resume-steps 1] [--max-atoms 8] [--out DIR] [--json FILE]
 
 1. data: the bundled molecules made of H, C and O only, at most 9 atoms each (24 of them, a quarter held
@@ -23,6 +23,7 @@ run under ``flock /work/bigmem.lock`` on the shared machine.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -142,6 +143,8 @@ def model_choice(args: argparse.Namespace) -> dict[str, Any]:
         overrides.update(num_blocks=args.blocks, moe_blocks=list(range(args.blocks)))
     if args.experts is not None:
         overrides["num_experts"] = args.experts
+    if args.top_k is not None:
+        overrides["top_k"] = args.top_k
     return {"preset": args.preset, "overrides": overrides}
 
 
@@ -162,10 +165,21 @@ def steps_of(run: Path) -> list[dict[str, Any]]:
     return [{k: r[k] for k in keys} for r in training_records(read(run / "train" / "metrics.jsonl"))]
 
 
+def build_cpu_kernels() -> None:
+    """Build (or find cached) `matris.cpu_kernels`' extension before any stage, so that no timed step
+    waits for g++ or for another checkout's build of the shared cache (``TORCH_EXTENSIONS_DIR``)."""
+    from matris import cpu_kernels
+
+    if cpu_kernels._State.enabled and os.environ.get("MATRIS_CPU_KERNELS", "1") != "0":
+        with contextlib.suppress(OSError, RuntimeError, ImportError):  # training then warns once
+            cpu_kernels._extension()
+
+
 def bench(args: argparse.Namespace) -> dict[str, Any]:
     run = args.out
     if run.exists():
         shutil.rmtree(run)
+    build_cpu_kernels()
     data = prepare_data(run / "data")
     model = model_choice(args)
     result: dict[str, Any] = {"model": model, "parameters": parameter_count(model), "stages": {}}
@@ -242,6 +256,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--preset", default="moe-s")
     parser.add_argument("--blocks", type=int, help="interaction blocks, all MoE (default: the preset's)")
     parser.add_argument("--experts", type=int, help="experts per MoE layer (default: the preset's)")
+    parser.add_argument("--top-k", type=int, help="experts per element (default: the preset's)")
     parser.add_argument("--ranks", type=int, default=2)
     parser.add_argument("--resume-ranks", type=int, default=1)
     parser.add_argument("--steps", type=int, default=2)

@@ -39,7 +39,7 @@ from torch.func import functional_call
 from janus import planner
 from janus.config import LayoutError
 from janus.parallel import StepContext, exchange, local, transfer
-from matris.moe import MoE
+from matris.moe import Experts, MoE
 
 
 class ExpertShard(nn.Module):
@@ -50,15 +50,20 @@ class ExpertShard(nn.Module):
     reduce-scatters the gradients `return_gradients` puts on them.
     """
 
-    def __init__(self, experts: nn.Module, mesh: DeviceMesh):
+    def __init__(self, experts: Experts, mesh: DeviceMesh):
         super().__init__()
         size, rank = mesh.size(), mesh.get_local_rank()
+        count = experts.w1.shape[0]
+        if count % size:
+            raise LayoutError(f"{count} experts cannot be sharded evenly over {size} expert ranks")
+        per_rank = count // size
+        if experts.w1.is_meta:  # built under `matris.moe.deferred_experts`: make this rank's rows only
+            shards = experts.initial(rank * per_rank, per_rank, experts.w1.dtype)
+        else:
+            mine = slice(rank * per_rank, (rank + 1) * per_rank)
+            shards = {k: p.detach()[mine].clone() for k, p in experts.named_parameters(recurse=False)}
         for name, param in experts.named_parameters(recurse=False):
-            if param.shape[0] % size:
-                raise LayoutError(
-                    f"{param.shape[0]} experts cannot be sharded evenly over {size} expert ranks"
-                )
-            shard = param.detach().chunk(size)[rank].clone()
+            shard = shards[name].to(mesh.device_type)
             placed = DTensor.from_local(shard, mesh, [Shard(0)], run_check=False)
             self.register_parameter(name, nn.Parameter(placed, requires_grad=param.requires_grad))
 
@@ -114,13 +119,12 @@ class ShardedMoE(MoE):
         # Weights: each rank sends the experts it stores to the ranks computing pieces of them.
         stored = self.experts()
         per_rank = e // ranks
-        packed = torch.cat([w.reshape(w.shape[0], -1) for w in stored.values()], dim=1)
         owner = [plan.experts_on(q) // per_rank for q in range(ranks)]
         mine = [plan.experts_on(q)[owner[q] == me] - me * per_rank for q in range(ranks)]
         w_send = [len(rows) for rows in mine]
         w_recv = np.bincount(owner[me], minlength=ranks).tolist()
         rows = torch.as_tensor(np.concatenate(mine), dtype=torch.long, device=x.device)
-        sent = packed.index_select(0, rows)
+        sent = torch.cat([w.index_select(0, rows).flatten(1) for w in stored.values()], dim=1)
         ctx.count("expert_weights", sent)
         received = transfer(sent, w_recv, w_send, group).requires_grad_()
         ctx.pending.append(_Pending(self.experts, received, rows, w_send, w_recv, group))

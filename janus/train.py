@@ -51,6 +51,7 @@ from matris import MatRIS, ModelConfig, predict
 from matris.batch import collate
 from matris.graph import StructureGraph
 from matris.loss import multitask_loss
+from matris.moe import deferred_experts, materialize_experts
 from matris.properties import parameter_backward
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
@@ -148,12 +149,15 @@ class Trainer:
         )
 
         torch.manual_seed(cfg.train.seed)
-        model = MatRIS(self.model_cfg).to(device=self.device, dtype=self.dtype)
-        model.set_reference_energies(manifest["reference_energies"])
+        with deferred_experts():  # each rank allocates only the experts it stores
+            model = MatRIS(self.model_cfg).to(dtype=self.dtype)
         self.ctx = StepContext()
         sharded = cfg.parallel.graph > 1 or cfg.parallel.expert > 1
         if sharded:
             parallelize_moe(model, self.ctx, m.mesh["expert"] if cfg.parallel.expert > 1 else None)
+        materialize_experts(model)
+        model = model.to(self.device)
+        model.set_reference_energies(manifest["reference_energies"])
         if cfg.parallel.graph > 1:
             install_hooks(model, self.ctx)
         self.model = apply_fsdp(model, m)

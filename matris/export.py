@@ -40,6 +40,7 @@ from janus.checkpoint import STATE_FILE, STEP_DIR, latest, read_train_state, ver
 from matris.config import ModelConfig
 from matris.io import file_sha256, load, metadata, read_header, save
 from matris.model import MatRIS
+from matris.moe import deferred_experts, materialize_experts
 from matris.prune import parse_elements, prune_elements
 
 BEST_WEIGHTS_FILE = "best_model.safetensors"  # beside the checkpoints folder, kept by janus.validation
@@ -59,7 +60,9 @@ def consolidate(checkpoint: Path) -> MatRIS:
     """The unsharded model held by one checkpoint directory, which must match its checksums."""
     verify(checkpoint)
     config = ModelConfig.model_validate_json((checkpoint / "model_config.json").read_text())
-    model = MatRIS(config)
+    with deferred_experts():  # the weights are all loaded: no random initial values for the experts
+        model = MatRIS(config)
+    materialize_experts(model, initialize=False)
     state = {"model": model.state_dict()}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # DCP warns that it runs without a process group, as intended

@@ -27,6 +27,7 @@ from safetensors.torch import load_file, save_file
 
 from matris.config import ModelConfig
 from matris.model import MatRIS
+from matris.moe import deferred_experts
 from matris.prune import ALLOWED, restrict_elements
 
 FORMAT = "matris"
@@ -132,9 +133,10 @@ def load(path: str | Path, device: str | torch.device = "cpu") -> MatRIS:
     config, tensors = verified(path)
     dtype = next(t.dtype for t in tensors.values() if t.is_floating_point())
     allowed = tensors.pop(ALLOWED, None)
-    model = MatRIS(config).to(dtype)
+    with deferred_experts():  # the file's expert weights become the parameters: no second copy
+        model = MatRIS(config).to(dtype)
     try:
-        model.load_state_dict(tensors, strict=True)
+        model.load_state_dict(tensors, strict=True, assign=True)
     except RuntimeError as e:
         raise ValueError(f"{path} does not match its own config: {e}") from e
     if allowed is not None:

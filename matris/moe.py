@@ -9,6 +9,8 @@ float32 only and has no double backward, which training needs because the loss d
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -16,18 +18,50 @@ from torch import nn
 
 from matris.layers import GatedMLP
 
+_deferred = False
+
+
+@contextmanager
+def deferred_experts() -> Iterator[None]:
+    """Models built inside leave their expert weights on the meta device, unallocated: a trainer then
+    allocates and initialises only the experts a rank stores (`Experts.initial`), so no rank ever holds
+    every expert of a billion-parameter model. `materialize_experts` fills the rest in place."""
+    global _deferred
+    before, _deferred = _deferred, True
+    try:
+        yield
+    finally:
+        _deferred = before
+
 
 class Experts(nn.Module):
-    """Stacked SwiGLU experts, weights (num_experts, in, out); janus shards them along dim 0."""
+    """Stacked SwiGLU experts, weights (num_experts, in, out); janus shards them along dim 0.
+
+    Each expert's initial weights come from its own generator, seeded from the global one once per
+    module, so any rows of them (a rank's shard) can be made alone and equal the rows of the full tensors.
+    """
 
     def __init__(self, num_experts: int, dim: int, hidden: int):
         super().__init__()
-        self.w1 = nn.Parameter(torch.empty(num_experts, dim, hidden))
-        self.w3 = nn.Parameter(torch.empty(num_experts, dim, hidden))
-        self.w2 = nn.Parameter(torch.empty(num_experts, hidden, dim))
-        for w in (self.w1, self.w3, self.w2):
-            bound = 1 / math.sqrt(w.shape[1])
-            nn.init.uniform_(w, -bound, bound)
+        self.seed = int(torch.randint(2**62, (), device="cpu"))
+        self.shapes = {"w1": (dim, hidden), "w3": (dim, hidden), "w2": (hidden, dim)}
+        if _deferred:
+            weights = {k: torch.empty(num_experts, *shape, device="meta") for k, shape in self.shapes.items()}
+        else:
+            weights = self.initial(0, num_experts)
+        for name, value in weights.items():
+            self.register_parameter(name, nn.Parameter(value))
+
+    def initial(self, first: int, count: int, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+        """Initial values of experts ``first .. first + count - 1`` of every weight, on the CPU: uniform
+        in ±1/√fan_in, drawn in float32 whatever ``dtype`` (a cast, as for a model built then converted)."""
+        out = {name: torch.empty(count, *shape, dtype=dtype) for name, shape in self.shapes.items()}
+        for row in range(count):
+            generator = torch.Generator().manual_seed(self.seed + first + row)
+            for value in out.values():
+                bound = 1 / math.sqrt(value.shape[1])
+                value[row] = torch.empty(value.shape[1:]).uniform_(-bound, bound, generator=generator)
+        return out
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x`` (num_experts, capacity, dim) → same shape, each expert applied to its own rows."""
@@ -67,3 +101,19 @@ class MoE(nn.Module):
             y = y + self.shared(x)
         probs = F.softmax(self.router, dim=-1)[z].sum(0)
         return y, counts.to(x.dtype), probs
+
+
+@torch.no_grad()
+def materialize_experts(model: nn.Module, initialize: bool = True) -> None:
+    """Allocate the expert weights still on the meta device (a model built under `deferred_experts`) on
+    the CPU in their dtype, with their initial values, or left empty to be loaded into."""
+    for module in model.modules():
+        if not isinstance(module, Experts) or not module.w1.is_meta:
+            continue
+        count, dtype = module.w1.shape[0], module.w1.dtype
+        if initialize:
+            weights = module.initial(0, count, dtype)
+        else:
+            weights = {k: torch.empty(count, *shape, dtype=dtype) for k, shape in module.shapes.items()}
+        for name, value in weights.items():
+            setattr(module, name, nn.Parameter(value, requires_grad=getattr(module, name).requires_grad))

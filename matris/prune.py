@@ -16,7 +16,7 @@ import torch
 from ase.data import atomic_numbers, chemical_symbols
 
 from matris.model import MatRIS
-from matris.moe import MoE
+from matris.moe import MoE, deferred_experts
 
 ALLOWED = "allowed_elements"
 
@@ -60,17 +60,20 @@ def prune_elements(model: MatRIS, elements: Iterable[int]) -> MatRIS:
         raise ValueError("the model has no MoE layers: there are no experts to prune")
     reachable = {name: reachable_experts(m, elements) for name, m in layers.items()}
     size = max(len(experts) for experts in reachable.values())
-    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    full = model.state_dict()
+    # new tensors only, assigned as the pruned model's own: the experts kept are indexed copies (one copy
+    # of what is kept, at most the model's size again), everything else is small and cloned
+    state = {k: v.detach().clone() for k, v in full.items() if ".experts." not in k and k != ALLOWED}
     for name, experts in reachable.items():
         spare = [e for e in range(config.num_experts) if e not in experts][: size - len(experts)]
         keep = torch.tensor(sorted(experts + spare))
-        state[f"{name}.router"] = state[f"{name}.router"][:, keep]
+        state[f"{name}.router"] = full[f"{name}.router"].detach()[:, keep]
         for w in ("w1", "w3", "w2"):
-            state[f"{name}.experts.{w}"] = state[f"{name}.experts.{w}"][keep]
-    state.pop(ALLOWED, None)
+            state[f"{name}.experts.{w}"] = full[f"{name}.experts.{w}"].detach()[keep]
     dtype = next(model.parameters()).dtype
-    pruned = MatRIS(config.model_copy(update={"num_experts": size})).to(dtype)
-    pruned.load_state_dict(state, strict=True)
+    with deferred_experts():
+        pruned = MatRIS(config.model_copy(update={"num_experts": size})).to(dtype)
+    pruned.load_state_dict(state, strict=True, assign=True)
     restrict_elements(pruned, elements)
     return pruned.eval()
 

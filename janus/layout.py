@@ -71,6 +71,10 @@ class DataProfile:
         return cls.from_sizes(GraphDataset(data_dir, split=None).sizes, f"{data_dir}/manifest.json")
 
 
+# The bundled sample's largest structure (an alloy cell) and mean density: assumed until data is prepared.
+ASSUMED_DATA = DataProfile(1176, 74582, 343960, 46.56, 248.1, "assumed: the bundled sample's largest")
+
+
 def ghost_atoms(atoms: float, edges: float, cutoff: float, parts: int) -> float:
     """Ghosts of the busiest part when a structure is bisected into ``parts`` (`janus.batching.partition`):
     the atoms within ``cutoff`` outside its cut faces, for a cubic periodic cell of the structure's
@@ -293,3 +297,49 @@ def smallest_ranks(
         middle = (low + high) // 2
         low, high = (low, middle) if fits(middle) else (middle, high)
     return high
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m janus.layout --preset moe-s --ranks 4 --memory-gib 5.5 [--data DIR] [--model KEY=VALUE]``:
+    the plan for ranks of that much memory each, with this machine's (``local``) calibration."""
+    import argparse
+    import json
+
+    import yaml
+
+    from janus.memory import load_calibrations
+
+    parser = argparse.ArgumentParser(prog="python -m janus.layout", description=main.__doc__.splitlines()[0])
+    parser.add_argument("--preset", required=True)
+    parser.add_argument("--ranks", type=int, required=True)
+    parser.add_argument("--memory-gib", type=float, required=True, help="memory of one rank")
+    parser.add_argument("--data", type=Path, help="prepared data (default: the bundled sample's largest)")
+    parser.add_argument("--model", action="append", default=[], metavar="KEY=VALUE", help="model override")
+    parser.add_argument("--site", default="local", help="whose calibration to use")
+    args = parser.parse_args(argv)
+    overrides = {k: yaml.safe_load(v) for k, v in (item.split("=", 1) for item in args.model)}
+    model = ModelConfig.from_preset(args.preset, **overrides)
+    calibration = load_calibrations(args.site).get(args.preset)
+    if calibration is None:
+        print(f"no calibration of {args.preset!r} for {args.site!r}: run python -m janus.memory calibrate")
+        return 2
+    profile = DataProfile.from_data_dir(args.data) if args.data else ASSUMED_DATA
+    try:
+        plan = plan_layout(model, args.ranks, args.memory_gib * GIB, profile, calibration)
+    except PlanError as err:
+        print(err)
+        return 1
+    summary = {
+        "layout": plan.parallel.model_dump(exclude={"auto"}),
+        "memory_gib": {k: round(v / GIB, 3) for k, v in plan.memory.components().items()},
+        "atoms_per_rank": plan.atoms_per_rank,
+        "max_atoms_per_batch": plan.max_atoms_per_batch,
+        "largest_structure_atoms": plan.largest_structure_atoms,
+        "why": plan.reasons,
+    }
+    print(json.dumps(summary, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

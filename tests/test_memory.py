@@ -72,9 +72,10 @@ def test_layouts_respect_the_experts() -> None:
     assert all(p.expert == 1 for p in layout.layouts(4, ModelConfig.from_preset("matris-6l")))
 
 
-def test_ghosts_grow_with_the_cut_and_stay_below_the_structure() -> None:
+def test_ghosts_grow_relative_to_the_part_and_stay_below_the_structure() -> None:
     one, two, eight = (layout.ghost_atoms(10_000, 600_000, 6.0, g) for g in (1, 2, 8))
-    assert one == 0 and 0 < two < eight <= 10_000 * 7 / 8
+    assert one == 0 and 0 < two / 5000 < eight / 1250
+    assert layout.ghost_atoms(100, 6000, 6.0, 8) <= 100 * 7 / 8
 
 
 def test_planner_prefers_no_graph_sharding_when_the_structure_fits() -> None:
@@ -91,10 +92,10 @@ def test_planner_cuts_a_structure_too_large_for_one_rank() -> None:
         layout.plan_layout(ModelConfig.from_preset("matris-6l"), 1, 8 * GIB, big, CAL)
 
 
-def test_a_billion_parameters_do_not_fit_one_24_gib_rank() -> None:
+def test_a_billion_parameters_do_not_fit_one_16_gib_rank() -> None:
     moe_s = ModelConfig.from_preset("moe-s")
     with pytest.raises(layout.PlanError, match="parameters, gradients and AdamW state alone"):
-        layout.plan_layout(moe_s, 1, 24 * GIB, SAMPLE, CAL)
+        layout.plan_layout(moe_s, 1, 16 * GIB, SAMPLE, CAL)
     nodes = layout.smallest_ranks(moe_s, 8, 64 * GIB, SAMPLE, CAL)
     assert nodes is not None and nodes >= 1
     layout.plan_layout(moe_s, nodes * 8, 64 * GIB, SAMPLE, CAL)

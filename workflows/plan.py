@@ -27,8 +27,6 @@ from site_configs.schema import SiteConfig
 from workflows.rundir import RunPaths, flatten
 
 BUDGET_KEYS = ("train.max_atoms_per_batch", "train.max_edges_per_batch", "train.max_triplets_per_batch")
-# The bundled sample's largest structure (an alloy cell), assumed until the run's data is prepared.
-ASSUMED_DATA = layout.DataProfile(1176, 74582, 343960, 46.56, 248.1, "assumed: no prepared data yet")
 
 
 @dataclass
@@ -153,7 +151,7 @@ def plan_request(run: Any, site: SiteConfig, data_dir: Path, fixed: ParallelConf
     if (data_dir / "manifest.json").is_file():
         profile = layout.DataProfile.from_data_dir(data_dir)
     else:
-        profile = ASSUMED_DATA
+        profile = layout.ASSUMED_DATA
     rpn = run.launch.ranks_per_node
     capacity = capacity_bytes(site, rpn)
     dtype = run.train.dtype

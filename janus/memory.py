@@ -149,12 +149,13 @@ def dtype_bytes(dtype: str) -> int:
 def state_bytes(counts: ParameterCounts, parallel: ParallelConfig, dtype: str) -> dict[str, float]:
     """Parameter, optimizer and gradient bytes of one rank under ``parallel`` (see the module docstring)."""
     size, world, expert = dtype_bytes(dtype), parallel.world_size, parallel.expert
-    gathered = counts.dense + counts.expert / expert
+    # an expert shard with no (dp, graph) ranks to share it is not wrapped by FSDP: computed in place
+    expert_copy = counts.expert / expert if expert == 1 or parallel.dp * parallel.graph > 1 else 0.0
     return {
         "parameters": size * counts.total / world,
         "optimizer": 2 * size * counts.total / world,
-        "gathered": size * gathered,
-        "gradients": size * gathered,
+        "gathered": size * (counts.dense + expert_copy),
+        "gradients": size * (counts.dense + counts.expert / expert),
         "expert_pieces": 2 * size * counts.expert / expert if expert > 1 else 0.0,
     }
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -17,10 +18,20 @@ from matris.config import ModelConfig
 ROOT = Path(__file__).resolve().parent.parent
 GIB = memory.GIB
 CAL = memory.Calibration(
-    preset="x", per_atom=0.0, per_edge=4000.0, per_triplet=250.0, constant=0.0, kernels="plain", device="cpu", method="test",
-    measured_with={}, points=3, worst_fit_error=0.0, date="2026-12-07", command="test",
+    preset="x", per_atom=0.0, per_edge=4000.0, per_triplet=250.0, constant=0.0, kernels="plain", device="cpu",
+    method="test", measured_with={}, points=3, worst_fit_error=0.0, date="2026-12-07", command="test",
 )  # fmt: skip
 SAMPLE = layout.DataProfile(1176, 74582, 343960, 46.6, 248.0, "test")
+
+
+@pytest.fixture(scope="module")
+def sample_data(tmp_path_factory) -> Path:
+    """The bundled crystals and molecules, prepared."""
+    out = tmp_path_factory.mktemp("data") / "small"
+    inputs = [ROOT / "sample_data" / f"{name}.extxyz.gz" for name in ("crystals_pbe", "molecules_gfn2")]
+    cmd = [sys.executable, "-m", "data_prep", *map(str, inputs), "--out", str(out), "--val-fraction", "0"]
+    subprocess.run(cmd, check=True, capture_output=True, cwd=ROOT, timeout=300)
+    return out
 
 
 def test_parameter_counts_split_experts_from_the_rest() -> None:
@@ -41,6 +52,8 @@ def test_state_is_sharded_over_all_ranks_and_gathered_per_expert_group() -> None
     assert one["parameters"] == 4 * 9000 and one["optimizer"] == 8 * 9000 and one["expert_pieces"] == 0
     assert four["parameters"] == 9000 and four["gathered"] == 4 * (1000 + 4000)
     assert four["expert_pieces"] == 2 * 4 * 4000
+    in_place = memory.state_bytes(counts, ParallelConfig(expert=2), "float32")  # no FSDP over the shard
+    assert in_place["gathered"] == 4 * 1000 and in_place["gradients"] == 4 * (1000 + 4000)
 
 
 def test_peak_memory_sees_a_tensor_allocated_and_freed(tmp_path: Path) -> None:
@@ -59,7 +72,8 @@ def test_peak_memory_sees_a_tensor_allocated_and_freed(tmp_path: Path) -> None:
 def test_calibrate_command_fits_and_stores_coefficients(sample_data: Path, tmp_path: Path) -> None:
     cmd = [sys.executable, "-m", "janus.memory", "calibrate", "--preset", "tiny", "--data", str(sample_data),
            "--site", "test", "--largest-atoms", "96", "--dir", str(tmp_path)]  # fmt: skip
-    subprocess.run(cmd, check=True, capture_output=True, cwd=ROOT)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "MATRIS_COMPILE": "0"}
+    subprocess.run(cmd, check=True, capture_output=True, cwd=ROOT, env=env)
     stored = memory.load_calibrations("test", tmp_path)["tiny"]
     assert stored.points == 9 and stored.device == "cpu" and "VmHWM" in stored.method
     assert stored.per_edge + stored.per_triplet > 0 and stored.worst_fit_error < 0.5
@@ -142,3 +156,18 @@ def test_data_profile_reads_the_prepared_data(sample_data: Path) -> None:
     assert profile.largest_atoms >= 1 and profile.edges_per_atom > 0 and manifest["n_structures"] >= 1
     sizes = np.array([[10, 100, 1000], [20, 50, 10]])
     assert layout.DataProfile.from_sizes(sizes, "x").largest_edges == 100
+
+
+def test_scaling_ladder_plans_every_rung(tmp_path: Path) -> None:
+    cmd = [sys.executable, "-m", "workflows.cli", str(ROOT / "workflows" / "scaling.py"),
+           "--site", "frontier", "--set", "site.account=A", "--set", "model.preset=moe-l",
+           "--set", "scaling.nodes=[32,64]", "--set", "scaling.modes=[weak]", "--dry-run"]  # fmt: skip
+    env = {"PYTHONPATH": str(ROOT), "XDG_CONFIG_HOME": str(tmp_path), "PATH": "/usr/bin:/bin"}
+    out = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, env=env)
+    assert out.returncode == 0, out.stderr
+    rungs = [line for line in out.stdout.splitlines() if line.strip().startswith("weak-n")]
+    assert len(rungs) == 2 and all("(planned)" in line for line in rungs)
+    for line, ranks in zip(rungs, (256, 512), strict=True):
+        sizes = (line.split(f"{k}=")[1].split()[0].rstrip(",") for k in ("dp", "graph", "expert"))
+        dp, graph, expert = (int(v) for v in sizes)
+        assert dp * graph * expert == ranks

@@ -4,10 +4,11 @@
 GPUs (``site.gpus_per_node``; one rank per node on a CPU site), the training block from the nodes asked
 for (``site.nodes_per_block``), and, unless a ``parallel.*`` key is given, the layout from the memory
 planner (`janus.layout`), which also sets the batch budget on a site that declares its device memory
-when no ``train.max_*_per_batch`` key is given. Values given explicitly (run config file, ``--set``, the
-per-user sites file) win and are validated as before, the layout against memory too. A request that
-cannot fit fails here, before anything is submitted, with the numbers and the smallest node count that
-would fit. `report` is the plan ``--dry-run`` prints.
+when no ``train.max_*_per_batch`` key is given (a scaling ladder: for its smallest rung; each rung is
+planned again for its own ranks, `workflows.scaling.rung_parallel`). Values given explicitly (run config
+file, ``--set``, the per-user sites file) win and are validated as before, the layout against memory
+too. A request that cannot fit fails here, before anything is submitted, with the numbers and the
+smallest node count that would fit. `report` is the plan ``--dry-run`` prints.
 """
 
 from __future__ import annotations
@@ -76,7 +77,10 @@ def resolve_request(
         fields = SiteFields.model_validate(data.get("site") or {}).given()
     except ValidationError as err:
         raise ConfigError(f"site: {err}") from None
-    nodes = max([data["launch"]["nodes"], *data.get("scaling", {}).get("nodes", [])])
+    ladder = data.get("scaling", {}).get("nodes", [])
+    if ladder and "launch.nodes" not in given:
+        data["launch"]["nodes"] = min(ladder)  # a ladder's run config is its smallest rung's
+    nodes = max([data["launch"]["nodes"], *ladder])
     site = _site(site_name, fields, sites_file, nodes)
     if "launch.ranks_per_node" not in given and site.gpus_per_node:
         data["launch"]["ranks_per_node"] = site.gpus_per_node

@@ -166,7 +166,8 @@ def evaluate(
 ) -> Candidate:  # fmt: skip
     work = structure_share(profile, 1.0, parallel.graph, model.cutoff)
     memory = estimate(model, parallel, work, calibration, dtype, counts)
-    comm = communication_bytes(model, counts, parallel, work.atoms, work.ghosts, dtype)
+    # the same atoms a rank in every layout (a rank's batch does not depend on it); ghosts are extra
+    comm = communication_bytes(model, counts, parallel, profile.largest_atoms, work.ghosts, dtype)
     return Candidate(parallel, memory, comm, memory.total <= usable(capacity))
 
 
@@ -256,18 +257,18 @@ def _nothing_fits(
     model: ModelConfig, ranks: int, capacity: float, profile: DataProfile, candidates: list[Candidate]
 ) -> str:
     least = min(candidates, key=lambda c: c.memory.total)
-    p = least.parallel
-    state = least.memory.state
+    p, state = least.parallel, least.memory.state
+    where = f"at its least-memory layout dp={p.dp} graph={p.graph} expert={p.expert}"
     if state > usable(capacity):
         cause = (
             f"model {model.preset!r}'s parameters, gradients and AdamW state alone need "
-            f"{state / GIB:.1f} GiB per rank at its best layout dp={p.dp} graph={p.graph} expert={p.expert}"
+            f"{state / GIB:.1f} GiB per rank {where}"
         )
     else:
         cause = (
-            f"the largest structure ({profile.largest_atoms} atoms, {profile.largest_edges} edges, "
-            f"{profile.largest_triplets} triplets; {profile.source}) needs {least.memory.total / GIB:.1f} "
-            f"GiB per rank even with graph={p.graph}"
+            f"with the largest structure ({profile.largest_atoms} atoms, {profile.largest_edges} edges, "
+            f"{profile.largest_triplets} triplets; {profile.source}) model {model.preset!r} needs "
+            f"{least.memory.total / GIB:.1f} GiB per rank {where} ({state / GIB:.1f} GiB of state)"
         )
     return (
         f"no layout of {ranks} rank(s) fits: {cause}, more than the {usable(capacity) / GIB:.1f} GiB a "

@@ -77,8 +77,8 @@ def rank_work(trainer: Any, global_batch: list[int]) -> dict[str, float]:
         vector = g.positions[neighbour] + g.edge_shift @ g.cell - g.positions[centre]
         length = np.where(mine, np.linalg.norm(vector, axis=1), np.inf)
         ghosts += len(foreign)
-        atoms += own.sum() + len(foreign)
-        edges += mine.sum()
+        atoms += float(own.sum()) + len(foreign)
+        edges += float(mine.sum())
         triplets += count_triplets(centre, length, g.n_atoms, cutoff)
     return {"atoms": atoms, "edges": edges, "triplets": triplets, "ghosts": ghosts}
 

@@ -243,7 +243,7 @@ def _reasons(best: Candidate, candidates: list[Candidate], capacity: float, fixe
     lines = [
         f"{len(fitting)} of {len(candidates)} layouts fit {capacity / GIB:.1f} GiB per rank with the "
         f"largest structure; dp={p.dp} graph={p.graph} expert={p.expert} communicates least "
-        f"({best.communication / GIB:.2f} GiB per rank and step)"
+        f"({best.communication / 2**20:,.1f} MiB per rank and step)"
     ]
     narrower = [c for c in candidates if c.parallel.graph < p.graph]
     if p.graph > 1 and narrower and not any(c.fits for c in narrower):
@@ -256,15 +256,18 @@ def _reasons(best: Candidate, candidates: list[Candidate], capacity: float, fixe
 def _nothing_fits(
     model: ModelConfig, ranks: int, capacity: float, profile: DataProfile, candidates: list[Candidate]
 ) -> str:
+    leanest = min(candidates, key=lambda c: c.memory.state)
     least = min(candidates, key=lambda c: c.memory.total)
-    p, state = least.parallel, least.memory.state
-    where = f"at its least-memory layout dp={p.dp} graph={p.graph} expert={p.expert}"
-    if state > usable(capacity):
+    if leanest.memory.state > usable(capacity):
+        p = leanest.parallel
         cause = (
             f"model {model.preset!r}'s parameters, gradients and AdamW state alone need "
-            f"{state / GIB:.1f} GiB per rank {where}"
+            f"{leanest.memory.state / GIB:.1f} GiB per rank even at dp={p.dp} graph={p.graph} "
+            f"expert={p.expert}"
         )
     else:
+        p, state = least.parallel, least.memory.state
+        where = f"at its least-memory layout dp={p.dp} graph={p.graph} expert={p.expert}"
         cause = (
             f"with the largest structure ({profile.largest_atoms} atoms, {profile.largest_edges} edges, "
             f"{profile.largest_triplets} triplets; {profile.source}) model {model.preset!r} needs "

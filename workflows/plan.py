@@ -163,11 +163,12 @@ def plan_request(run: Any, site: SiteConfig, data_dir: Path, fixed: ParallelConf
         plan = layout.plan_layout(model, run.launch.ranks, capacity, profile, calibration, dtype, fixed)
     except layout.PlanError as err:
         nodes = layout.smallest_ranks(model, rpn, capacity, profile, calibration, dtype)
-        hint = (
-            f"; the smallest node count that fits is {nodes} (launch.nodes={nodes})"
-            if nodes is not None
-            else "; no node count fits: the largest structure is too large for any graph group"
-        )
+        if site.scheduler == "local":
+            hint = f" (this machine is one node; {nodes} nodes would fit)" if nodes else ""
+        elif nodes is not None:
+            hint = f"; the smallest node count that fits is {nodes} (launch.nodes={nodes})"
+        else:
+            hint = "; no node count fits: the largest structure is too large for any graph group"
         raise ConfigError(f"{err}{hint}") from None
     return Request(run, site, plan, note)
 

@@ -53,6 +53,9 @@ class ParallelConfig(Strict):
     dp: int = Field(1, ge=1)
     graph: int = Field(1, ge=1)
     expert: int = Field(1, ge=1)
+    auto: bool = Field(
+        False, description="chosen by the layout planner (`janus.layout`); a scaling ladder plans each rung"
+    )
 
     @property
     def world_size(self) -> int:

@@ -27,6 +27,7 @@ DEFAULTS = {
     "walltime": "01:00:00",
     "nodes_per_block": 1,
     "gpus_per_node": 12,
+    "device_memory_gib": 64,
     "cpus_per_node": 208,
     "backend": "xccl",
     "cpu_bind": "list:1-8:9-16:17-24:25-32:33-40:41-48:53-60:61-68:69-76:77-84:85-92:93-100",

@@ -29,6 +29,7 @@ DEFAULTS = {
     "walltime": "02:00:00",
     "nodes_per_block": 1,
     "gpus_per_node": 8,
+    "device_memory_gib": 64,
     "backend": "nccl",
     "launcher_options": ["-c7", "--gpus-per-task=1", "--gpu-bind=closest"],
     "scheduler_options": ["--network=disable_rdzv_get"],

@@ -26,6 +26,7 @@ DEFAULTS = {
     "walltime": "02:00:00",
     "nodes_per_block": 1,
     "gpus_per_node": 8,
+    "device_memory_gib": 64,
     "request_gpus": True,
     "backend": "nccl",
     "cpu_bind": "mask_cpu:fe000000000000,fe00000000000000,fe0000,fe000000,fe,fe00,fe00000000,fe0000000000",

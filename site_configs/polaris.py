@@ -31,6 +31,7 @@ DEFAULTS = {
     "walltime": "01:00:00",
     "nodes_per_block": 1,
     "gpus_per_node": 4,
+    "device_memory_gib": 40,
     "request_gpus": True,
     "select": "system=polaris",
     "cpus_per_node": 64,

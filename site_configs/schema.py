@@ -113,6 +113,10 @@ class SiteConfig(BaseModel):
     nodes_per_block: int = Field(1, ge=1, description="nodes in the training job (the MPIExecutor's block)")
     gpus_per_node: int = Field(0, ge=0, description="GPUs (GCDs, tiles) per node: the most ranks per node")
     cores_per_node: int | None = Field(None, ge=1, description="the most ranks per node on a CPU-only site")
+    device_memory_gib: float | None = Field(
+        None, gt=0, description="memory of one GPU (GCD, tile) in GiB; a CPU site's ranks share the node's "
+        "memory (None: this machine's); the layout planner fits each rank in it"
+    )
     request_gpus: bool = Field(False, description="ask the scheduler for the GPUs (--gpus-per-node, ngpus=)")
     exclusive: bool = Field(True, description="Slurm blocks take whole nodes (#SBATCH --exclusive)")
     select: Select | None = Field(None, description="extra PBS chunk resources, e.g. system=polaris")

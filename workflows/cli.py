@@ -18,11 +18,10 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from pydantic import BaseModel, ValidationError
-
 import site_configs
-from janus.overrides import ConfigError, build, load_yaml
+from janus.overrides import ConfigError
 from site_configs.schema import SiteConfig, require_safe_path
+from workflows import plan
 
 EPILOG = """examples:
   parsl-run workflows/pretrain.py --site local
@@ -48,6 +47,7 @@ class WorkflowContext:
     assignments: list[str] = field(default_factory=list)
     dry_run: bool = False
     extend: bool = False
+    request: plan.Request | None = None  # how the layout and batch budget were completed
 
 
 def load_workflow(path: Path) -> ModuleType:
@@ -65,23 +65,6 @@ def load_workflow(path: Path) -> ModuleType:
     return module
 
 
-def deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
-    merged = dict(base)
-    for key, value in update.items():
-        if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = deep_merge(merged[key], value)
-        else:
-            merged[key] = value
-    return merged
-
-
-def resolve_run_config(schema: type[BaseModel], config_file: Path | None, assignments: list[str]) -> Any:
-    data = schema().model_dump(mode="json", exclude={"site"})
-    if config_file is not None:
-        data = deep_merge(data, load_yaml(config_file))
-    return build(schema, data, assignments)
-
-
 def make_context(args: argparse.Namespace) -> tuple[ModuleType, WorkflowContext]:
     """Everything that can fail on user input fails here, before Parsl starts."""
     workflow = load_workflow(args.workflow)
@@ -89,20 +72,19 @@ def make_context(args: argparse.Namespace) -> tuple[ModuleType, WorkflowContext]
         module = site_configs.site_module(args.site)
     except site_configs.UnknownSite as err:
         raise ConfigError(str(err)) from err
-    run = resolve_run_config(workflow.CONFIG, args.config, args.set)
-    try:
-        site = site_configs.resolve(args.site, run.site.given(), args.sites_file)
-        site_configs.require_monitoring(site)
-    except (ValidationError, ValueError) as err:
-        raise ConfigError(f"site {args.site!r}: {err}") from err
     run_dir = (args.run_dir or Path("runs") / f"{Path(args.workflow).stem}-{args.site}").resolve()
     try:
         require_safe_path(run_dir)
     except ValueError as err:
         raise ConfigError(str(err)) from None
+    request = plan.resolve_request(
+        workflow.CONFIG, args.config, args.set, args.site, args.sites_file, run_dir
+    )
+    run, site = request.run, request.site
     ctx = WorkflowContext(
         run=run, site=site, site_module=module, run_dir=run_dir, workflow_file=args.workflow,
         config_file=args.config, assignments=list(args.set), dry_run=args.dry_run, extend=args.extend,
+        request=request,
     )  # fmt: skip
     if (args.schedule or args.unschedule) and not hasattr(workflow, "schedule"):
         raise ConfigError(f"workflow {args.workflow} cannot be scheduled (no schedule function)")
@@ -172,6 +154,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"parsl-run: {err}", file=sys.stderr)
         return 2
     if args.dry_run:
+        print(plan.report(ctx.request))
         print(workflow.describe(ctx))
         return 0
     if args.schedule or args.unschedule:

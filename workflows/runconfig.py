@@ -58,6 +58,7 @@ class SiteFields(Strict):
     nodes_per_block: int | None = None
     gpus_per_node: int | None = None
     cores_per_node: int | None = None
+    device_memory_gib: float | None = None
     cpu_bind: str | None = None
     launcher_options: list[str] | None = None
     scheduler_options: list[str] | None = None

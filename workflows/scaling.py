@@ -24,10 +24,13 @@ from typing import Literal
 import yaml
 from pydantic import Field, field_validator, model_validator
 
+from janus.config import ParallelConfig
 from janus.metrics import read as read_metrics
 from janus.metrics import training_records
 from matris.io import write_atomic
+from site_configs.schema import SiteConfig
 from workflows import history
+from workflows.plan import plan_request
 from workflows.runconfig import LaunchConfig, RunConfig, Strict
 
 REGRESSION_EXIT = 3
@@ -112,7 +115,21 @@ def ladder(cfg: ScalingConfig) -> list[Rung]:
     return [Rung(mode, n, cfg.launch.ranks_per_node) for mode in cfg.scaling.modes for n in cfg.scaling.nodes]
 
 
-def rung_janus_config(cfg: ScalingConfig, rung: Rung, data_dir: Path, out_dir: Path) -> dict:
+def rung_parallel(cfg: ScalingConfig, rung: Rung, site: SiteConfig, data_dir: Path) -> ParallelConfig:
+    """The rung's layout: planned for its ranks (`workflows.plan`) when the run's layout is ``auto``, else
+    the run's graph and expert groups with the remaining ranks data-parallel."""
+    if cfg.parallel.auto:
+        launch = LaunchConfig(nodes=rung.nodes, ranks_per_node=rung.ranks_per_node)
+        request = plan_request(cfg.model_copy(update={"launch": launch}), site, data_dir, fixed=None)
+        if request.plan is not None:
+            return request.plan.parallel.model_copy(update={"auto": True})
+        return ParallelConfig(dp=rung.ranks, auto=True)
+    dp = rung.ranks // (cfg.parallel.graph * cfg.parallel.expert)
+    return cfg.parallel.model_copy(update={"dp": dp})
+
+
+def rung_janus_config(cfg: ScalingConfig, rung: Rung, parallel: ParallelConfig, data_dir: Path,
+                      out_dir: Path) -> dict:  # fmt: skip
     s = cfg.scaling
     budget = s.atoms_per_rank * rung.ranks if rung.mode == "weak" else s.global_atoms
     injected = s.inject_sleep_s if s.inject_nodes in (None, rung.nodes) else 0.0
@@ -127,12 +144,12 @@ def rung_janus_config(cfg: ScalingConfig, rung: Rung, data_dir: Path, out_dir: P
             "eval_every": 0,  # rungs time steps; what the model learns is the pretraining run's concern
         }
     )
-    dp = rung.ranks // (cfg.parallel.graph * cfg.parallel.expert)
-    parallel = cfg.parallel.model_copy(update={"dp": dp})
     return cfg.janus_config(data_dir, out_dir, train=train, parallel=parallel)
 
 
 def layout_name(cfg: ScalingConfig) -> str:
+    if cfg.parallel.auto:
+        return f"rpn{cfg.launch.ranks_per_node}-auto"
     return f"rpn{cfg.launch.ranks_per_node}-g{cfg.parallel.graph}-e{cfg.parallel.expert}"
 
 
@@ -145,8 +162,10 @@ def describe(ctx) -> str:
     for rung in ladder(cfg):
         config_file = ctx.run_dir / "runs" / "RUN_ID" / rung.name / "janus.yaml"
         command = ctx.site_module.train_command(ctx.site, rung.nodes, rung.ranks_per_node, config_file)
+        p = rung_parallel(cfg, rung, ctx.site, ctx.run_dir / "data")
         lines.append(
             f"  {rung.name:10s} {rung.nodes} node(s) × {rung.ranks_per_node} rank(s), "
+            f"dp={p.dp} graph={p.graph} expert={p.expert}{' (planned)' if p.auto else ''}, "
             f"{cfg.scaling.steps} steps"
         )
         lines.append(f"      $ {command}")
@@ -175,8 +194,10 @@ def run(ctx) -> int:
             out_dir = run_root / rung.name
             out_dir.mkdir(parents=True, exist_ok=True)
             config_file = out_dir / "janus.yaml"
+            parallel = rung_parallel(cfg, rung, ctx.site, root / "data")
             write_atomic(
-                config_file, yaml.safe_dump(rung_janus_config(cfg, rung, root / "data", out_dir))
+                config_file,
+                yaml.safe_dump(rung_janus_config(cfg, rung, parallel, root / "data", out_dir)),
             )
             command = ctx.site_module.train_command(ctx.site, rung.nodes, rung.ranks_per_node, config_file)
             launch = LaunchConfig(nodes=rung.nodes, ranks_per_node=rung.ranks_per_node)

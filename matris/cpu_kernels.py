@@ -20,10 +20,13 @@ build (one warning) keeps the compiled forms (plain ops with ``MATRIS_COMPILE=0`
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import functools
 import os
 import platform
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 
@@ -33,6 +36,7 @@ from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 CSRC = Path(__file__).with_name("csrc")
 SOURCES = [CSRC / "ops.cpp", CSRC / "line_attention.cpp", CSRC / "sink_messages.cpp"]
+EXTENSION = "matris_cpu_kernels"
 CHANNEL_BLOCK, ANGLE_WIDTH = 8, 8  # the kernels take heads of a multiple of 8 channels, 8 angle channels
 
 
@@ -47,11 +51,34 @@ class _State:
 
 @functools.cache
 def _extension() -> ModuleType:
-    from torch.utils.cpp_extension import load
+    from torch.utils.cpp_extension import _get_build_directory, load
 
     compile_flags, link_flags = ["-O3", "-mavx2", "-mfma", "-fopenmp"], ["-fopenmp", "-lmvec"]
     sources = [str(path) for path in SOURCES]
-    return load("matris_cpu_kernels", sources, extra_cflags=compile_flags, extra_ldflags=link_flags)
+    build = Path(_get_build_directory(EXTENSION, verbose=False))
+    with _sole_builder(build):
+        return load(EXTENSION, sources, extra_cflags=compile_flags, extra_ldflags=link_flags)
+
+
+@contextlib.contextmanager
+def _sole_builder(build: Path) -> Iterator[None]:
+    """Hold an flock on the build folder while torch builds or loads the extension.
+
+    torch's own build lock is a plain file that a killed builder leaves behind, and every later process
+    then waits on it forever. The kernel releases an flock with its holder, so a torch lock found while
+    holding ours was left by a dead builder, and is removed.
+    """
+    build.mkdir(parents=True, exist_ok=True)
+    with open(build / "matris.flock", "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        stale = build / "lock"
+        if stale.exists():
+            warnings.warn(f"removing {stale}, left by a killed build of {EXTENSION}", stacklevel=3)
+            stale.unlink(missing_ok=True)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _applies(q: torch.Tensor) -> bool:

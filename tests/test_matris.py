@@ -728,3 +728,22 @@ def test_cuda_matches_cpu_and_trains(model):
     grads = [p.grad for p in on_gpu.parameters() if p.grad is not None]
     assert len(grads) > 0.9 * len(list(on_gpu.parameters()))
     assert all(torch.isfinite(g).all() for g in grads)
+
+
+def test_a_killed_kernel_build_does_not_block_later_builds(tmp_path):
+    """torch's build lock left by a killed builder is removed by the next builder instead of being waited
+    on forever; a live builder's flock is still waited for."""
+    import fcntl
+    import warnings
+
+    from matris.cpu_kernels import _sole_builder
+
+    (tmp_path / "lock").write_text("")
+    with pytest.warns(UserWarning, match="left by a killed build"), _sole_builder(tmp_path):
+        assert not (tmp_path / "lock").exists()
+        with open(tmp_path / "matris.flock") as other, pytest.raises(BlockingIOError):
+            fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with _sole_builder(tmp_path):
+            pass

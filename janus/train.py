@@ -168,7 +168,7 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg, self.clock))
         self.ema = EMA(self.model, cfg.train.ema_decay) if cfg.train.ema_decay else None
 
-        self.dataset = GraphDataset(cfg.data_dir, split="train")
+        self.dataset = GraphDataset(cfg.data_dir, split="train", cutoff=self.model_cfg.cutoff)
         self.plan = BatchPlan(
             self.dataset.sizes,
             max_atoms=cfg.train.max_atoms_per_batch,

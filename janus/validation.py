@@ -53,7 +53,7 @@ class Validator:
             self.best_path.unlink(missing_ok=True)  # another run's weights: this one starts afresh
         elif self.best_path.is_file():
             self.best_score = float(metadata(self.best_path).get("val_score", float("inf")))
-        dataset = GraphDataset(data_dir, split="val")
+        dataset = GraphDataset(data_dir, split="val", cutoff=model_cfg.cutoff)
         tasks = np.array([dataset[i].task for i in range(len(dataset))], dtype=np.int64)
         chosen = select(tasks, len(dataset.tasks), max_per_task)
         self.graphs = {i: dataset[i] for i in chosen}

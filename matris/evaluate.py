@@ -105,7 +105,7 @@ def evaluate_model(
     seconds: dict[str, float] = {}
     with one_thread():
         model = load(model_path)
-        dataset = GraphDataset(data_dir, split=split)
+        dataset = GraphDataset(data_dir, split=split, cutoff=model.config.cutoff)
         if len(dataset) == 0:
             raise ValueError(f"{data_dir} has no structures in the {split!r} split to evaluate on")
         task_of = np.array([dataset[i].task for i in range(len(dataset))])

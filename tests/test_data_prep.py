@@ -507,6 +507,23 @@ def test_killed_sharding_resumes_without_redoing_verified_shards(tmp_path):
     assert is_complete(out)
 
 
+def test_dataset_at_a_shorter_cutoff_drops_the_longer_edges_from_graphs_and_sizes(sample_dir):
+    """A 5 Å model on the 6 Å sample: every graph keeps exactly its edges shorter than 5 Å, in order, and
+    ``sizes`` counts those; atoms and triplets (4 Å) are unchanged."""
+    full, short = GraphDataset(sample_dir), GraphDataset(sample_dir, cutoff=5.0)
+    assert GraphDataset(sample_dir, cutoff=6.0).cutoff is None and short.cutoff == 5.0
+    for i in range(0, len(full), 97):
+        g, s = full[i], short[i]
+        lengths = np.linalg.norm(
+            g.positions[g.edge_index[1]] + g.edge_shift @ g.cell - g.positions[g.edge_index[0]], axis=1
+        )
+        np.testing.assert_array_equal(s.edge_index, g.edge_index[:, lengths < 5.0])
+        np.testing.assert_array_equal(s.edge_shift, g.edge_shift[lengths < 5.0])
+        assert short.sizes[i, 1] == s.n_edges <= g.n_edges
+    assert short.sizes[:, 1].sum() < 0.7 * full.sizes[:, 1].sum()
+    np.testing.assert_array_equal(short.sizes[:, [0, 2]], full.sizes[:, [0, 2]])
+
+
 def test_dataset_items_collate(sample_dir):
     dataset = GraphDataset(sample_dir)
     manifest = json.loads((sample_dir / "manifest.json").read_text())

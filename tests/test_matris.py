@@ -21,7 +21,7 @@ from matris import cpu_kernels, fused
 from matris.batch import collate
 from matris.config import LossConfig, ModelConfig
 from matris.flops import model_flops
-from matris.graph import graph_from_atoms
+from matris.graph import graph_from_atoms, within_cutoff
 from matris.layers import GatedMLP, line_attention_bucket
 from matris.loss import multitask_loss
 from matris.model import MatRIS, line_graph
@@ -235,6 +235,25 @@ def test_line_bucket_count_changes_nothing_but_padding(model):
         out = run(other, structures)
         for key in ("energy", "forces", "stress"):
             torch.testing.assert_close(out[key], ref[key], rtol=1e-10, atol=1e-10)
+
+
+def test_edges_past_a_shorter_model_cutoff_change_nothing():
+    """A 5 Å model on 6 Å graphs: dropping the edges of 5 Å or more (`within_cutoff`, as the loader does
+    for data built at a larger cutoff) leaves energies, forces, stress and parameter gradients as they are."""
+    model = make_model(cutoff=5.0)
+    structures = [cu_cell() * (2, 2, 2), methane(), bulk("NaCl", "rocksalt", a=5.6)]
+    full = [graph(a) for a in structures]
+    short = [within_cutoff(g, 5.0) for g in full]
+    assert 0 < sum(g.n_edges for g in short) < 0.7 * sum(g.n_edges for g in full)
+    outputs = []
+    for graphs in (full, short):
+        model.zero_grad()
+        pred = predict(model, collate(graphs, dtype=torch.float64), training=True)
+        (pred["energy"].sum() + pred["forces"].square().sum()).backward()
+        grads = [p.grad.clone() for p in model.parameters() if p.grad is not None]
+        outputs.append(([pred[key].detach() for key in ("energy", "forces", "stress")], grads))
+    for a, b in zip(*(o[0] + o[1] for o in outputs), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
 
 
 def labelled_structures(count: int = 20) -> list:

@@ -93,7 +93,6 @@ PRESETS: dict[str, dict[str, Any]] = {
         num_shared_experts=1,
         expert_hidden=32,
         num_angular=4,
-        cutoff=5.0,  # 0.6x the edges of 6 Å for 0.8x the step, and crystal forces learn from the start
     ),
     "matris-6l": dict(dim=128, num_heads=8, num_blocks=6, mlp_hidden=256),
     "moe-s": _moe(768, 1152, 32, 4, 0),

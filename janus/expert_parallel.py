@@ -107,7 +107,6 @@ class ShardedMoE(MoE):
         self, x: torch.Tensor, z: torch.Tensor, ctx: StepContext
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         group, (compute,) = self._janus_group, self._janus_compute
-        ranks, me = group.size(), group.rank()
         n, k, e, d = x.shape[0], self.top_k, self.num_experts, x.shape[1]
         experts, weights = self.route(z)
         table = self.router.detach().topk(k, dim=-1).indices.cpu().numpy()
@@ -115,15 +114,39 @@ class ShardedMoE(MoE):
             raise RuntimeError("expert sharding needs the step's element histograms in the StepContext")
         plan = planner.plan(planner.expert_counts(ctx.histograms, table, e))
         ctx.plans.append(plan)
+        params = self._gather_weights(plan, ctx, x.device)
+        route = _TokenRoute(experts.flatten().cpu().numpy(), plan, group.rank(), e, group.size())
 
-        # Weights: each rank sends the experts it stores to the ranks computing pieces of them.
+        send_index = torch.as_tensor(route.send_order, dtype=torch.long, device=x.device)
+        slot_index = torch.as_tensor(route.slot, dtype=torch.long, device=x.device)
+        outgoing = x.index_select(0, send_index // k)
+        ctx.count("expert_tokens", outgoing)
+        tokens = exchange(outgoing, route.recv, route.send, group)
+        pieces, capacity = route.pieces, route.capacity
+        grouped = x.new_zeros(pieces * capacity, d).index_copy(0, slot_index, tokens)
+        out = functional_call(compute, params, (grouped.view(pieces, capacity, d),))
+        out = out.reshape(-1, d).index_select(0, slot_index)
+        ctx.count("expert_tokens", out)
+        out = exchange(out, route.send, route.recv, group)
+        gate = weights.flatten().index_select(0, send_index).unsqueeze(-1)
+        y = x.new_zeros(n, d).index_add(0, send_index // k, out * gate)
+        if self.shared is not None:
+            y = y + self.shared(x)
+        probs = F.softmax(self.router, dim=-1)[z].sum(0)
+        return y, torch.as_tensor(route.counts, device=x.device).to(x.dtype), probs
+
+    def _gather_weights(self, plan: planner.ExpertPlan, ctx: StepContext, device: torch.device) -> dict:
+        """The weights of the experts this rank computes pieces of, by parameter name: each rank sends
+        the experts it stores to the ranks computing them; their gradients go back after the backward."""
+        group = self._janus_group
+        ranks, me = group.size(), group.rank()
         stored = self.experts()
-        per_rank = e // ranks
+        per_rank = self.num_experts // ranks
         owner = [plan.experts_on(q) // per_rank for q in range(ranks)]
         mine = [plan.experts_on(q)[owner[q] == me] - me * per_rank for q in range(ranks)]
         w_send = [len(rows) for rows in mine]
         w_recv = np.bincount(owner[me], minlength=ranks).tolist()
-        rows = torch.as_tensor(np.concatenate(mine), dtype=torch.long, device=x.device)
+        rows = torch.as_tensor(np.concatenate(mine), dtype=torch.long, device=device)
         sent = torch.cat([w.index_select(0, rows).flatten(1) for w in stored.values()], dim=1)
         ctx.count("expert_weights", sent)
         received = transfer(sent, w_recv, w_send, group).requires_grad_()
@@ -133,44 +156,34 @@ class ShardedMoE(MoE):
             size = math.prod(w.shape[1:])
             params[name] = received[:, offset : offset + size].reshape(-1, *w.shape[1:])
             offset += size
+        return params
 
-        # Tokens: dispatches sorted by expert, then by destination rank (each destination's pieces in
-        # ascending expert order, each expert's tokens in source order).
-        flat = experts.flatten()
-        flat_np = flat.cpu().numpy()
-        order = np.argsort(flat_np, kind="stable")
-        ranked = flat_np[order]
-        counts_np = np.bincount(flat_np, minlength=e)
-        start = np.cumsum(counts_np) - counts_np
+
+class _TokenRoute:
+    """Where this rank's token dispatches go and where received ones sit in the padded expert groups.
+
+    Dispatches are sorted by expert, then by destination rank (each destination's pieces in ascending
+    expert order, each expert's tokens in source order). ``send``/``recv``: tokens per rank; ``slot``: the
+    row of each received token in the (pieces, capacity) groups; ``counts``: dispatches per expert."""
+
+    def __init__(self, flat: np.ndarray, plan: planner.ExpertPlan, me: int, e: int, ranks: int):
+        order = np.argsort(flat, kind="stable")
+        ranked = flat[order]
+        self.counts = np.bincount(flat, minlength=e)
+        start = np.cumsum(self.counts) - self.counts
         prefix = (np.cumsum(plan.counts, axis=0) - plan.counts)[me]
         position = prefix[ranked] + np.arange(len(ranked)) - start[ranked]
         dest = plan.destination(ranked, position) if len(ranked) else np.zeros(0, np.int64)
-        send_order = order[np.argsort(dest * e + ranked, kind="stable")]
-        t_send = np.bincount(dest, minlength=ranks).tolist()
+        self.send_order = order[np.argsort(dest * e + ranked, kind="stable")]
+        self.send = np.bincount(dest, minlength=ranks).tolist()
         recv = plan.recv_counts(me)  # (sources, local pieces)
-        t_recv = recv.sum(1).tolist()
+        self.recv = recv.sum(1).tolist()
         lengths = recv.sum(0)
-        capacity = int(lengths.max(initial=0))
-        base = np.arange(len(lengths)) * capacity + (np.cumsum(recv, axis=0) - recv)  # (sources, pieces)
+        self.pieces, self.capacity = len(lengths), int(lengths.max(initial=0))
+        base = np.arange(self.pieces) * self.capacity + (np.cumsum(recv, axis=0) - recv)  # (sources, pieces)
         runs = recv.ravel()
-        slot = np.repeat(base.ravel(), runs) + np.arange(runs.sum()) - np.repeat(np.cumsum(runs) - runs, runs)
-
-        send_index = torch.as_tensor(send_order, dtype=torch.long, device=x.device)
-        slot_index = torch.as_tensor(slot, dtype=torch.long, device=x.device)
-        outgoing = x.index_select(0, send_index // k)
-        ctx.count("expert_tokens", outgoing)
-        tokens = exchange(outgoing, t_recv, t_send, group)
-        grouped = x.new_zeros(len(lengths) * capacity, d).index_copy(0, slot_index, tokens)
-        out = functional_call(compute, params, (grouped.view(len(lengths), capacity, d),))
-        out = out.reshape(-1, d).index_select(0, slot_index)
-        ctx.count("expert_tokens", out)
-        out = exchange(out, t_send, t_recv, group)
-        gate = weights.flatten().index_select(0, send_index).unsqueeze(-1)
-        y = x.new_zeros(n, d).index_add(0, send_index // k, out * gate)
-        if self.shared is not None:
-            y = y + self.shared(x)
-        probs = F.softmax(self.router, dim=-1)[z].sum(0)
-        return y, torch.as_tensor(counts_np, device=x.device).to(x.dtype), probs
+        within = np.arange(runs.sum()) - np.repeat(np.cumsum(runs) - runs, runs)
+        self.slot = np.repeat(base.ravel(), runs) + within
 
 
 def gathered_weights(ctx: StepContext) -> list[torch.Tensor]:

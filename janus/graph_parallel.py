@@ -22,6 +22,7 @@ over the group (a differentiable all-reduce) on the rank that holds its loss ter
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -113,81 +114,115 @@ def build_step(
     Every rank of the group derives the same partition and hence matching send and receive lists: ghosts
     are ordered by (owner rank, partitioned structure, atom index), and so is what an owner sends.
     """
-    r = work.graph_rank
-    pieces, whole = work.partitioned, work.whole
+    r, pieces, whole = work.graph_rank, work.partitioned, work.whole
     owned = [np.flatnonzero(parts[i] == r) for i in pieces] + [np.arange(graphs[i].n_atoms) for i in whole]
-    owned_offset = np.concatenate([[0], np.cumsum([len(o) for o in owned])]).astype(np.int64)
-    n_owned = int(owned_offset[-1])
-    piece_rows = int(owned_offset[len(pieces)])
+    counts = [len(o) for o in owned]
+    plan = _GhostPlan(graphs, pieces + whole, len(pieces), parts, owned, r, group_size)
+    longs = partial(torch.tensor, dtype=torch.long, device=device)
+    batch, composition = _local_batch(graphs, pieces + whole, owned, plan, parts, r, num_z, dtype, device)
+    pack_size, pack, loss = _loss_slots(graphs, pieces, owned, work, r)
+    halo = Halo(longs(plan.send_rows), plan.send_splits, plan.recv_splits, group)
+    halo.n_owned = sum(counts)
+    return GraphStep(
+        batch=batch,
+        num_local=len(owned),
+        num_pieces=len(pieces),
+        n_owned=halo.n_owned,
+        piece_rows=sum(counts[: len(pieces)]),
+        halo=halo,
+        composition=composition,
+        pack_size=pack_size,
+        pack_index=longs(pack),
+        loss_energy=longs(loss[0]),
+        loss_virial=longs(loss[1]),
+        loss_forces=longs(loss[2]),
+        loss_magmoms=longs(loss[3]),
+    )
 
-    # Who needs which atom: (needer part, atom) over the edges that cross parts, per partitioned structure.
-    needs = []
-    for i in pieces:
-        part, (centre, neighbour) = parts[i], graphs[i].edge_index
-        cross = part[centre] != part[neighbour]
-        n = graphs[i].n_atoms
-        key = np.unique(part[centre[cross]] * n + neighbour[cross])
-        needs.append((key // n, key % n))
 
-    local_of = [np.full(graphs[i].n_atoms, -1, dtype=np.int64) for i in pieces + whole]
-    for k, atoms in enumerate(owned):
-        local_of[k][atoms] = owned_offset[k] + np.arange(len(atoms))
-    ghost_atoms: list[tuple[int, np.ndarray]] = []
-    recv_splits, send_splits, send_rows = [0] * group_size, [0] * group_size, []
-    next_ghost = n_owned
-    for q in range(group_size):
-        for k, i in enumerate(pieces):
-            needer, atom = needs[k]
-            if q != r:
-                theirs = atom[(needer == r) & (parts[i][atom] == q)]  # my ghosts owned by q
-                local_of[k][theirs] = next_ghost + np.arange(len(theirs))
-                next_ghost += len(theirs)
-                recv_splits[q] += len(theirs)
-                ghost_atoms.append((k, theirs))
-                mine = atom[(needer == q) & (parts[i][atom] == r)]  # my atoms that are ghosts on q
-                send_rows.append(local_of[k][mine])
-                send_splits[q] += len(mine)
+class _GhostPlan:
+    """Where each atom of this rank's structures sits in its input (``local_of``: owned rows first, then
+    ghosts), which ghosts come from which rank, and which owned rows go to which rank."""
 
+    def __init__(self, graphs: dict[int, StructureGraph], local_ids: list[int], num_pieces: int,
+                 parts: dict[int, np.ndarray], owned: list[np.ndarray], r: int, group_size: int):  # fmt: skip
+        pieces = local_ids[:num_pieces]
+        self.num_pieces = num_pieces
+        offset = np.concatenate([[0], np.cumsum([len(o) for o in owned])]).astype(np.int64)
+        self.local_of = [np.full(graphs[i].n_atoms, -1, dtype=np.int64) for i in local_ids]
+        for k, atoms in enumerate(owned):
+            self.local_of[k][atoms] = offset[k] + np.arange(len(atoms))
+        # Who needs which atom: (needer part, atom) over the edges crossing parts, per partitioned structure.
+        needs = []
+        for i in pieces:
+            part, (centre, neighbour) = parts[i], graphs[i].edge_index
+            cross = part[centre] != part[neighbour]
+            n = graphs[i].n_atoms
+            key = np.unique(part[centre[cross]] * n + neighbour[cross])
+            needs.append((key // n, key % n))
+        self.ghost_atoms: list[tuple[int, np.ndarray]] = []
+        self.recv_splits, self.send_splits = [0] * group_size, [0] * group_size
+        send_rows, next_ghost = [], int(offset[-1])
+        for q in range(group_size):
+            for k, i in enumerate(pieces):
+                needer, atom = needs[k]
+                if q != r:
+                    theirs = atom[(needer == r) & (parts[i][atom] == q)]  # my ghosts owned by q
+                    self.local_of[k][theirs] = next_ghost + np.arange(len(theirs))
+                    next_ghost += len(theirs)
+                    self.recv_splits[q] += len(theirs)
+                    self.ghost_atoms.append((k, theirs))
+                    mine = atom[(needer == q) & (parts[i][atom] == r)]  # my atoms that are ghosts on q
+                    send_rows.append(self.local_of[k][mine])
+                    self.send_splits[q] += len(mine)
+        self.send_rows = _cat(send_rows, (0,), np.int64)
+
+
+def _cat(arrays: Sequence[np.ndarray], shape: tuple[int, ...], kind: Any) -> np.ndarray:
+    return np.concatenate(arrays).astype(kind) if arrays else np.zeros(shape, dtype=kind)
+
+
+def _local_batch(
+    graphs: dict[int, StructureGraph], local_ids: list[int], owned: list[np.ndarray], plan: _GhostPlan,
+    parts: dict[int, np.ndarray], r: int, num_z: int, dtype: torch.dtype, device: torch.device,
+) -> tuple[Batch, torch.Tensor]:  # fmt: skip
+    """The model input (owned atoms, then ghosts as twin structures ``b + k``) and the full structures'
+    element fractions, twins included."""
     z, pos, structure, rows_edges, rows_shift = [], [], [], [], []
-    local_ids = pieces + whole
     for k, i in enumerate(local_ids):
         g = graphs[i]
         z.append(g.atomic_numbers[owned[k]])
         pos.append(g.positions[owned[k]])
         structure.append(np.full(len(owned[k]), k))
         centre, neighbour = g.edge_index
-        mask = parts[i][centre] == r if k < len(pieces) else np.ones(len(centre), dtype=bool)
-        edges = np.stack([local_of[k][centre[mask]], local_of[k][neighbour[mask]]])
+        mask = parts[i][centre] == r if k < plan.num_pieces else np.ones(len(centre), dtype=bool)
+        edges = np.stack([plan.local_of[k][centre[mask]], plan.local_of[k][neighbour[mask]]])
         if edges.size and edges.min() < 0:
             raise RuntimeError("graph partition lost a neighbour of an owned atom")
         rows_edges.append(edges)
         rows_shift.append(g.edge_shift[mask])
     b = len(local_ids)
     ghost_count = np.zeros(b, dtype=np.int64)
-    for k, atoms in ghost_atoms:
-        g = graphs[pieces[k]]
+    for k, atoms in plan.ghost_atoms:
+        g = graphs[local_ids[k]]
         z.append(g.atomic_numbers[atoms])
         pos.append(g.positions[atoms])
         structure.append(np.full(len(atoms), b + k))
         ghost_count[k] += len(atoms)
-
-    def cat(arrays: Sequence[np.ndarray], shape: tuple[int, ...], kind: Any) -> np.ndarray:
-        return np.concatenate(arrays).astype(kind) if arrays else np.zeros(shape, dtype=kind)
-
     twice = local_ids + local_ids
     floats = partial(torch.tensor, dtype=dtype, device=device)
     longs = partial(torch.tensor, dtype=torch.long, device=device)
     batch = Batch(
-        atomic_numbers=longs(cat(z, (0,), np.int64)),
-        positions=floats(cat(pos, (0, 3), np.float64)),
+        atomic_numbers=longs(_cat(z, (0,), np.int64)),
+        positions=floats(_cat(pos, (0, 3), np.float64)),
         cell=floats(np.stack([graphs[i].cell for i in twice]).reshape(-1, 3, 3)),
         pbc=torch.tensor(
             np.stack([graphs[i].pbc for i in twice]).reshape(-1, 3), dtype=torch.bool, device=device
         ),
-        atom_structure=longs(cat(structure, (0,), np.int64)),
+        atom_structure=longs(_cat(structure, (0,), np.int64)),
         n_atoms=longs(np.concatenate([[len(o) for o in owned], np.maximum(ghost_count, 1)]).astype(np.int64)),
         edge_index=longs(np.concatenate(rows_edges, 1) if rows_edges else np.zeros((2, 0), np.int64)),
-        edge_shift=floats(cat(rows_shift, (0, 3), np.float64)),
+        edge_shift=floats(_cat(rows_shift, (0, 3), np.float64)),
         task=longs([graphs[i].task for i in twice]),
         charge=floats([graphs[i].charge for i in twice]),
         spin=floats([graphs[i].spin for i in twice]),
@@ -196,8 +231,14 @@ def build_step(
     for k, i in enumerate(twice):
         counts = np.bincount(graphs[i].atomic_numbers, minlength=num_z)[:num_z]
         composition[k] = counts / max(graphs[i].n_atoms, 1)
+    return batch, floats(composition)
 
-    # Packed group vector: per partitioned structure [energy, virial (9), forces (3n), magmoms (n)].
+
+def _loss_slots(
+    graphs: dict[int, StructureGraph], pieces: list[int], owned: list[np.ndarray], work: RankWork, r: int
+) -> tuple[int, np.ndarray, list[np.ndarray]]:
+    """The packed group vector, per partitioned structure [energy, virial (9), forces (3n), magmoms (n)]:
+    its size, where this rank's contributions go, and the positions of the loss terms this rank holds."""
     sizes = [graphs[i].n_atoms for i in pieces]
     off = np.concatenate([[0], np.cumsum([10 + 4 * n for n in sizes])]).astype(np.int64)
 
@@ -212,24 +253,7 @@ def build_step(
 
     pack = slots(list(range(len(pieces))), owned[: len(pieces)])
     mine = [k for k, i in enumerate(pieces) if work.loss_owner[i] == r]
-    loss = slots(mine, [np.arange(sizes[k]) for k in mine])
-    halo = Halo(longs(cat(send_rows, (0,), np.int64)), send_splits, recv_splits, group)
-    halo.n_owned = n_owned
-    return GraphStep(
-        batch=batch,
-        num_local=b,
-        num_pieces=len(pieces),
-        n_owned=n_owned,
-        piece_rows=piece_rows,
-        halo=halo,
-        composition=floats(composition),
-        pack_size=int(off[-1]),
-        pack_index=longs(np.concatenate(pack)),
-        loss_energy=longs(loss[0]),
-        loss_virial=longs(loss[1]),
-        loss_forces=longs(loss[2]),
-        loss_magmoms=longs(loss[3]),
-    )
+    return int(off[-1]), np.concatenate(pack), slots(mine, [np.arange(sizes[k]) for k in mine])
 
 
 def _flat(arrays: list[np.ndarray]) -> np.ndarray:
@@ -277,22 +301,31 @@ def predict_sharded(
 
 
 def install_hooks(model: nn.Module, ctx: StepContext) -> None:
-    """Ghost refresh before each interaction block and before its atom attention; full composition."""
+    """Ghost refresh before each interaction block (its ``atoms``) and before its atom attention (the
+    MoE-updated ``source``); the full structures' composition for the composition embedding."""
     model.embed_composition.register_forward_pre_hook(partial(_composition, ctx))
     for block in model.blocks:
-        block.register_forward_pre_hook(partial(_refresh_first, ctx))
-        block.atom_attention.register_forward_pre_hook(partial(_refresh_second, ctx))
+        _refresh_before(block, "atoms", ctx)
+        _refresh_before(block.atom_attention, "source", ctx)
 
 
 def _composition(ctx: StepContext, module: nn.Module, args: tuple) -> tuple | None:
     return None if ctx.halo is None else (ctx.composition,)
 
 
-def _refresh_first(ctx: StepContext, module: nn.Module, args: tuple) -> tuple | None:
-    """Block inputs (atoms, bonds, geometry): ghost atom features from their owners."""
-    return None if ctx.halo is None else (ctx.halo.refresh(args[0]), *args[1:])
+def _refresh_before(module: nn.Module, name: str, ctx: StepContext) -> None:
+    """Refresh the ghost rows of ``module``'s input ``name`` (owned rows first) before each forward; the
+    argument is found by name, however the call passes it, so reordering the signature cannot refresh the
+    wrong tensor."""
+    signature = inspect.signature(module.forward)
+    if name not in signature.parameters:
+        raise TypeError(f"{type(module).__name__}.forward has no argument {name!r} to refresh ghost rows of")
 
+    def hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+        if ctx.halo is None:
+            return None
+        bound = signature.bind(*args, **kwargs)
+        bound.arguments[name] = ctx.halo.refresh(bound.arguments[name])
+        return bound.args, bound.kwargs
 
-def _refresh_second(ctx: StepContext, module: nn.Module, args: tuple) -> tuple | None:
-    """Atom attention inputs (query, source, ...): ghost ``source`` rows (MoE-updated) from their owners."""
-    return None if ctx.halo is None else (args[0], ctx.halo.refresh(args[1]), *args[2:])
+    module.register_forward_pre_hook(hook, with_kwargs=True)

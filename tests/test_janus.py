@@ -488,3 +488,32 @@ def test_training_losses_match_the_recorded_run(small_data, tmp_path):
     for a, b in zip(want, got, strict=True):
         for key in ("loss", "grad_norm", "aux", "atoms"):
             assert b[key] == pytest.approx(a[key], rel=1e-8), (a["step"], key)
+
+
+def test_ghost_refresh_hooks_find_their_argument_by_name():
+    """The graph-sharding hooks refresh the argument they name, passed by position or by keyword and
+    whatever the order of the module's parameters; a module without that argument is refused at install."""
+    from torch import nn
+
+    from janus.graph_parallel import _refresh_before
+    from janus.parallel import StepContext
+
+    class Marks:  # a halo whose refresh is visible: ghost rows (after the first) become -1
+        def refresh(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.cat([x[:1], -torch.ones_like(x[1:])])
+
+    class Reordered(nn.Module):
+        def forward(self, bond, source, query):
+            return bond, source, query
+
+    ctx = StepContext()
+    module = Reordered()
+    _refresh_before(module, "source", ctx)
+    x = [torch.arange(3.0) + 10 * i for i in range(3)]
+    assert all(torch.equal(a, b) for a, b in zip(module(*x), x, strict=True)), "no halo: nothing refreshed"
+    ctx.halo = Marks()
+    for out in (module(*x), module(x[0], query=x[2], source=x[1])):
+        assert torch.equal(out[0], x[0]) and torch.equal(out[2], x[2])
+        assert out[1].tolist() == [10.0, -1.0, -1.0]
+    with pytest.raises(TypeError, match="Reordered.forward has no argument 'atoms'"):
+        _refresh_before(module, "atoms", ctx)

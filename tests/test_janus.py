@@ -515,5 +515,5 @@ def test_ghost_refresh_hooks_find_their_argument_by_name():
     for out in (module(*x), module(x[0], query=x[2], source=x[1])):
         assert torch.equal(out[0], x[0]) and torch.equal(out[2], x[2])
         assert out[1].tolist() == [10.0, -1.0, -1.0]
-    with pytest.raises(TypeError, match="Reordered.forward has no argument 'atoms'"):
+    with pytest.raises(TypeError, match=r"Reordered\.forward has no argument 'atoms'"):
         _refresh_before(module, "atoms", ctx)

@@ -9,7 +9,7 @@ deterministic train/val split); both models train on the train split and are sco
 - Ours: `python -m janus.train`, the pipeline's trainer with the pipeline's defaults (`janus.config`),
   for the budget itself (``train.time_budget_s``: steps, validation and checkpoints count, the first
   step's compilation too, the process start-up not; the learning rate decays over the seconds). Its
-  validation picks the exported weights (`matris.export`), as in the pipeline.
+  validation picks the exported weights (`janus.export`), as in the pipeline.
 - MACE: `mace_run_train` from `mace-torch` in its own venv (made at ``--mace-venv`` if missing: torch
   2.13.0 CPU wheel, then mace-torch), 64x0e, r_max 6 Å, float32, E0s averaged, stress loss, with the
   val split as its validation file (it keeps its best epoch on it, as ours keeps its best validation).
@@ -49,7 +49,7 @@ from _accuracy_scoring import score_frames
 from rich.console import Console
 from rich.table import Table
 
-from matris.evaluate import COLUMNS
+from evaluation.evaluate import COLUMNS
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_INPUTS = sorted((ROOT / "sample_data").glob("*.extxyz.gz"))
@@ -103,9 +103,9 @@ def ours(
     from data_prep import iter_atoms
     from data_prep.loader import BatchPlan, GraphDataset
     from janus.config import JanusConfig
+    from janus.export import export_checkpoint
     from janus.overrides import build
     from matris import MatRISCalculator
-    from matris.export import export_checkpoint
 
     if steps is None:
         train = {"steps": UNBOUNDED_STEPS, "time_budget_s": budget_s, "eval_every": EVAL_EVERY}

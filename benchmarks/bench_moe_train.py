@@ -12,8 +12,8 @@ pruned, evaluate, each through the command users run, with each process's peak r
    else FSDP, for ``--steps`` steps, then a checkpoint;
 3. resume: the same run directory on ``--resume-ranks`` ranks for ``--resume-steps`` more (DCP reshards
    the checkpoint), then a checkpoint;
-4. export: ``python -m matris.export --keep-elements`` with the training data's elements;
-5. evaluate: ``python -m matris.evaluate`` on the held-out molecules.
+4. export: ``python -m janus.export --keep-elements`` with the training data's elements;
+5. evaluate: ``python -m evaluation.evaluate`` on the held-out molecules.
 
 Peak memory is each process's VmHWM, read from ``/proc/PID/status`` every 0.2 s while it runs (the ranks'
 PIDs from ``train/ranks/``). Prints a table and the figures as JSON (also to ``--json``). At
@@ -191,18 +191,18 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
     elements = sorted(json.loads((data / "manifest.json").read_text())["elements"], key=int)
     pruned = run / "export" / "pruned.safetensors"
     pruned.parent.mkdir(parents=True, exist_ok=True)
-    export = [sys.executable, "-m", "matris.export", "--checkpoint", str(run / "train" / "checkpoints")]
+    export = [sys.executable, "-m", "janus.export", "--checkpoint", str(run / "train" / "checkpoints")]
     result["stages"]["export"] = run_measured(
         [*export, "--out", str(pruned), "--keep-elements", ",".join(elements)]
     )
     evaluate = [
-        sys.executable, "-m", "matris.evaluate", "--model", str(pruned), "--data", str(data),
+        sys.executable, "-m", "evaluation.evaluate", "--model", str(pruned), "--data", str(data),
         "--out", str(run / "eval"), "--max-per-task", "4", "--md-steps", "5", "--fd-structures", "1",
         "--no-plots",
     ]  # fmt: skip
     result["stages"]["evaluate"] = run_measured(evaluate)
     result["steps"] = steps_of(run)
-    from matris.export import describe
+    from janus.export import describe
 
     shown = describe(pruned)
     result["export"] = {

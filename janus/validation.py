@@ -2,7 +2,7 @@
 
 Every ``train.eval_every`` steps and after the last one, every rank contributes its shards of the weights
 to one full copy (a collective: FSDP and expert shards alike), and rank 0 scores a plain, unsharded copy
-of the model on the validation split with the evaluation's own metrics (`matris.evaluate.score`: energy,
+of the model on the validation split with the evaluation's own metrics (`evaluation.evaluate.score`: energy,
 force and stress MAE, force cosine, the zero-force baseline). Each scored set of weights becomes one line
 of ``metrics.jsonl`` marked ``"kind": "validation"`` (`janus.metrics.VALIDATION`).
 
@@ -11,7 +11,7 @@ tasks of ``loss.energy`` × energy MAE (eV/atom) + ``loss.force`` × force MAE (
 task's "learned nothing" errors: EMT alloy energies lie 6 meV/atom from their reference energies, and such
 a ratio would rank weights by one alloy cell's energy. The best weights seen so far, with the EMA's
 competing as equals when it is on, are written to ``BEST_WEIGHTS_FILE`` beside the checkpoints; the
-export takes them (`matris.export`).
+export takes them (`janus.export`).
 """
 
 from __future__ import annotations
@@ -26,12 +26,12 @@ import torch
 from torch import nn
 
 from data_prep.loader import GraphDataset
+from evaluation.evaluate import score, select
+from janus.export import BEST_WEIGHTS_FILE
 from janus.metrics import VALIDATION
 from janus.parallel import full_tensor
 from matris import MatRIS, ModelConfig
 from matris.config import LossConfig
-from matris.evaluate import score, select
-from matris.export import BEST_WEIGHTS_FILE
 from matris.io import metadata, save
 
 MAX_ATOMS = 2048  # per scored batch; validation runs without gradients of the parameters

@@ -1,6 +1,6 @@
 """Inference artifact for MD codes: one ``torch.export`` program giving the energy and its pair gradients.
 
-    python -m matris.export --model RUN/export/model.safetensors --deploy RUN/export/model.pt2
+    python -m janus.export --model RUN/export/model.safetensors --deploy RUN/export/model.pt2
 
 The ``.pt2`` file loads with ``torch.export.load(path).module()`` in any process that has PyTorch (no
 matris needed); its ``matris.json`` extra file holds the cutoff, task vocabulary, dtype and, for a pruned

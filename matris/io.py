@@ -6,7 +6,7 @@ bytes in name order). It is checked at load, so a truncated or altered file, a o
 included, is refused instead of silently giving wrong energies. Version 1 files hashed the tensors only
 and are refused with the command that re-exports them.
 Besides the config it holds the per-task per-element reference energies in readable form, so a user can
-see what a file contains without loading it (``python -m matris.export --show FILE``). A model pruned to
+see what a file contains without loading it (``python -m janus.export --show FILE``). A model pruned to
 some elements (`matris.prune`) carries an ``allowed_elements`` tensor; ``load`` turns it back into a guard
 that refuses structures with other elements, because the experts those elements routed to are gone.
 """
@@ -112,7 +112,7 @@ def verified(path: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
     if version in UNVERIFIABLE:
         raise ValueError(
             f"{path} was written by an older version of matris (model file version {version!r}: "
-            f"{UNVERIFIABLE[version]}); re-export it with `python -m matris.export --checkpoint "
+            f"{UNVERIFIABLE[version]}); re-export it with `python -m janus.export --checkpoint "
             f"RUN/train/checkpoints --out {path}`"
         )
     if version != VERSION:

@@ -1,7 +1,7 @@
 """Evaluate and export on real files: a prepared slice of the sample data, tiny models, a DCP checkpoint.
 
 Covers the metrics, plots, MD stability lines, finite-difference check and baseline table of
-`matris.evaluate`; provenance, refusal of bad files and expert pruning of `matris.export`/`matris.prune`;
+`evaluation.evaluate`; provenance, refusal of bad files and expert pruning of `janus.export`/`matris.prune`;
 the torch.export inference artifact of `matris.deploy` against the ASE calculator; and loading an export
 in a process that imports nothing but matris.
 """
@@ -28,14 +28,14 @@ from safetensors.torch import load_file, save_file
 
 import matris
 from data_prep import DataConfig, iter_atoms, prepare
+from evaluation.evaluate import FD_FORCE_TOLERANCE, FD_STRESS_TOLERANCE, evaluate_model, one_thread
+from evaluation.evaluate import main as evaluate_cli
 from janus.checkpoint import write_checksums
+from janus.export import describe, export_checkpoint, exported_from
+from janus.export import main as export_cli
 from matris.calculator import MatRISCalculator
 from matris.config import ModelConfig
 from matris.deploy import DeployedCalculator, load_artifact, write_artifact
-from matris.evaluate import FD_FORCE_TOLERANCE, FD_STRESS_TOLERANCE, evaluate_model, one_thread
-from matris.evaluate import main as evaluate_cli
-from matris.export import describe, export_checkpoint, exported_from
-from matris.export import main as export_cli
 from matris.io import read_header
 from matris.model import MatRIS
 from matris.moe import MoE
@@ -340,7 +340,7 @@ class _Push(Calculator):
 def test_md_calls_a_collapsing_cell_unstable_and_names_the_bound():
     """A Li cell whose atoms fall together keeps conserving energy; the closest-pair floor (a fraction of
     the starting closest pair) catches it. A non-conservative surface fails the drift bound."""
-    from matris.md import CLOSEST_PAIR_FLOOR, MAX_DRIFT_MEV_PER_ATOM_PS, run_nve
+    from evaluation.md import CLOSEST_PAIR_FLOOR, MAX_DRIFT_MEV_PER_ATOM_PS, run_nve
 
     cell = bulk("Li", "bcc", a=3.44, cubic=True).repeat((1, 1, 3))
     collapsed = run_nve(cell, _Pull(), "crystal", steps=200)
@@ -355,8 +355,8 @@ def test_md_calls_a_collapsing_cell_unstable_and_names_the_bound():
 def test_unseen_elements_are_counted_and_warned_about(data_dir, model_file):
     """A held-out structure with an element its task never trained on: the calculator warns once, and
     the evaluation counts it."""
+    from evaluation.evaluate import score
     from matris.calculator import UnseenElementWarning
-    from matris.evaluate import score
 
     model = matris.load(model_file)
     trained = model.trained_elements("crystal-pbe")

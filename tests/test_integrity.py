@@ -218,8 +218,8 @@ def test_verify_names_the_file_and_what_is_wrong(trained, tmp_path):
 
 
 def test_export_refuses_a_checkpoint_that_fails_verification(trained, tmp_path, capsys):
-    from matris.export import export_checkpoint
-    from matris.export import main as export_cli
+    from janus.export import export_checkpoint
+    from janus.export import main as export_cli
 
     run = copy_run(trained, tmp_path)
     bad = run / "checkpoints" / "step_000000004"

@@ -376,7 +376,7 @@ def test_all_three_dims_match_single_process(small_data, tmp_path):
 def test_checkpoint_from_four_ranks_resumes_on_two(small_data, tmp_path):
     """Trained and saved with experts sharded over 2 ranks and FSDP over 2 (4 ranks, 2-D expert shards),
     resumed on 2 plain FSDP ranks: both match one process, and export consolidates the expert shards."""
-    from matris.export import consolidate
+    from janus.export import consolidate
 
     ref = reference(small_data, tmp_path)
     out = tmp_path / "run"

@@ -106,10 +106,10 @@ def test_validation_during_training_picks_the_exported_weights(tmp_path):
 
     from data_prep import DataConfig
     from data_prep import prepare as prepare_data
+    from evaluation.plots import training_curves
+    from janus.export import BEST_WEIGHTS_FILE, export_checkpoint
     from janus.metrics import read, training_records, validation_records
-    from matris.export import BEST_WEIGHTS_FILE, export_checkpoint
     from matris.io import metadata
-    from matris.plots import training_curves
 
     data = tmp_path / "data"
     prepare_data(DataConfig(sources=[handful(tmp_path)], val_fraction=0.4), data)

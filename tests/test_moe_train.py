@@ -1,7 +1,7 @@
 """MoE at the published widths: deferred expert initialisation, and the user's path end to end.
 
 The end-to-end test runs `benchmarks/bench_moe_train.py`'s stages (the commands users type: torchrun of
-`janus.train`, `matris.export`, `matris.evaluate`) on moe-s reduced to one block of 8 experts (dim 768,
+`janus.train`, `janus.export`, `evaluation.evaluate`) on moe-s reduced to one block of 8 experts (dim 768,
 expert width 1152 as moe-s; 54 M parameters): 2 steps on 2 gloo ranks with the experts sharded over both
 and FSDP, a checkpoint, 1 more step resumed on 1 rank, an export pruned to the data's elements, and an
 evaluation of the pruned file.

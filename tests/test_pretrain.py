@@ -64,10 +64,10 @@ def test_pretrain_end_to_end_writes_every_output(finished_run, tmp_path: Path):
         ("data", "train", "export", "evaluate"), "ran"
     )
 
-    # The exported model loads in a process that imports only matris, and reproduces the evaluation.
+    # The exported model loads and reproduces the evaluation in a process without janus or parsl.
     check = (
         "import json, sys, matris, numpy as np\n"
-        "from matris.evaluate import evaluate_model\n"
+        "from evaluation.evaluate import evaluate_model\n"
         f"m = evaluate_model('{run_dir}/export/model.safetensors', '{run_dir}/data', '{tmp_path}/again', 8,\n"
         "                   md_steps=0, fd_structures=0, plots=False)\n"
         "assert 'janus' not in sys.modules and 'parsl' not in sys.modules, sorted(sys.modules)\n"

@@ -66,7 +66,7 @@ class Verdict:
 
 def git_commit() -> str:
     """The short commit of this source tree, or "unknown" outside a git checkout."""
-    from matris.export import source_commit
+    from janus.export import source_commit
 
     return (source_commit() or "unknown")[:12]
 

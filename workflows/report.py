@@ -8,9 +8,9 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from matris.evaluate import COLUMNS, report_lines, table_rows
+from evaluation.evaluate import COLUMNS, report_lines, table_rows
 
-# The console table keeps to 100 columns; metrics.json and `python -m matris.evaluate` have every metric.
+# The console table keeps to 100 columns; metrics.json and `python -m evaluation.evaluate` have every metric.
 BRIEF = ("energy_mae_mev_per_atom", "force_mae_mev_per_a", "force_zero_mae_mev_per_a", "force_cosine",
          "n_unseen_elements")
 

@@ -1,7 +1,7 @@
 """Parsl apps of the pretraining DAG and each stage's own completeness check.
 
 The apps are thin: each calls a library function or command line (`data_prep`, `janus.train`,
-`matris.export`, `matris.evaluate`) so the libraries stay free of Parsl. Arguments ``key`` (a digest of
+`janus.export`, `evaluation.evaluate`) so the libraries stay free of Parsl. Arguments ``key`` (a digest of
 the config a stage's outputs depend on) and ``attempt`` (a salt for forced reruns) exist only for the
 cache key. All apps are cached: with the
 site's `BasicMemoizer(checkpoint_mode="task_exit")` a rerun in the same run directory skips apps that
@@ -79,7 +79,7 @@ def export(
     outputs: tuple = (),
 ) -> dict:
     """Consolidate the newest sharded checkpoint into one self-contained model file."""
-    from matris.export import export_checkpoint
+    from janus.export import export_checkpoint
 
     data_dir = Path(checkpoint_root).parent.parent / "data"
     return export_checkpoint(Path(checkpoint_root), Path(out_path), data_dir=data_dir)
@@ -91,7 +91,7 @@ def evaluate(
     inputs: tuple = (), outputs: tuple = (),
 ) -> dict:  # fmt: skip
     """Per-task errors of the exported model on the held-out split."""
-    from matris.evaluate import evaluate_model
+    from evaluation.evaluate import evaluate_model
 
     baseline = eval_config.get("baseline")
     return evaluate_model(
@@ -153,7 +153,7 @@ def train_complete(train_dir: Path, steps: int) -> bool:
 
 def export_complete(model_path: Path, train_dir: Path) -> bool:
     from janus.checkpoint import latest
-    from matris.export import exported_from
+    from janus.export import exported_from
 
     last = latest(train_dir / "checkpoints")
     return export_problem(model_path) is None and last is not None and exported_from(model_path) == last.name
@@ -173,7 +173,7 @@ def export_problem(model_path: Path) -> str | None:
 
 
 def eval_complete(eval_dir: Path, model_path: Path) -> bool:
-    from matris.evaluate import evaluated_model
+    from evaluation.evaluate import evaluated_model
     from matris.io import file_sha256
 
     metrics = eval_dir / "metrics.json"

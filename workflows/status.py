@@ -4,7 +4,7 @@ Reads only the run directory's files (`workflows.runstate`), so it works from an
 directory (a login node, another site) and never contacts Parsl or the scheduler: each stage's state and
 times, training's step, loss and throughput, the newest validation errors per task, the newest verified
 checkpoint, the Parsl job ids and where the logs are, and for a failed stage the cause in one line.
-``--plot`` draws the training and validation curves of the run so far (`matris.plots.training_curves`).
+``--plot`` draws the training and validation curves of the run so far (`evaluation.plots.training_curves`).
 """
 
 from __future__ import annotations
@@ -123,7 +123,7 @@ def print_parsl(console: Console, run_dir: Path, state: RunState) -> None:
 
 
 def print_plot(console: Console, reader: RunReader, path: Path | None) -> None:
-    from matris.plots import training_curves
+    from evaluation.plots import training_curves
 
     target = path or reader.paths.eval / "training.png"
     written = training_curves(reader.paths.train / "metrics.jsonl", target)

@@ -1,10 +1,10 @@
 """Consolidate a sharded training checkpoint into one deployable model file.
 
-    python -m matris.export --checkpoint RUN/train/checkpoints --out RUN/export/model.safetensors
+    python -m janus.export --checkpoint RUN/train/checkpoints --out RUN/export/model.safetensors
         [--keep-elements H,C,O] [--deploy RUN/export/model.pt2]
-    python -m matris.export --model RUN/export/model.safetensors
+    python -m janus.export --model RUN/export/model.safetensors
         [--keep-elements H,C,O --out small.safetensors] [--deploy model.pt2]
-    python -m matris.export --show RUN/export/model.safetensors
+    python -m janus.export --show RUN/export/model.safetensors
 
 Reads the newest complete checkpoint directory (one holding ``train_state.json``) written by
 `janus.checkpoint`: torch.distributed.checkpoint shards under the ``model.`` prefix plus
@@ -223,7 +223,7 @@ def _version(package: str) -> str | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m matris.export", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m janus.export", description=__doc__.splitlines()[0])
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--checkpoint", type=Path, help="checkpoints folder or one step_* dir")
     source.add_argument("--model", type=Path, help="an exported model file to prune and/or deploy")
@@ -246,7 +246,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             info = export_checkpoint(args.checkpoint, args.out, args.data, keep, args.deploy)
     except (FileNotFoundError, ValueError) as err:
-        print(f"matris.export: {err}", file=sys.stderr)
+        print(f"janus.export: {err}", file=sys.stderr)
         return 1
     print("\n".join(f"{key}: {json.dumps(value)}" for key, value in info.items()))
     return 0

@@ -1,6 +1,6 @@
 """Evaluate a model file on the held-out split of prepared data: accuracy, MD stability, derivatives, plots.
 
-    python -m matris.evaluate --model RUN/export/model.safetensors --data RUN/data --out RUN/eval
+    python -m evaluation.evaluate --model RUN/export/model.safetensors --data RUN/data --out RUN/eval
         [--baseline OTHER.safetensors] [--max-per-task 200] [--md-steps 200] [--fd-structures 3]
 
 Writes ``metrics.json`` with the sha256 of the model it scored and:
@@ -10,7 +10,7 @@ Writes ``metrics.json`` with the sha256 of the model it scored and:
   stress MAE (meV/Å³ and GPa), counts, and ``n_unseen_elements``: structures holding an element that the
   model never saw in that task's training split (its reference energy is unknown, so its energy is a
   guess); ``baseline`` the same for ``--baseline`` on the same structures.
-- ``md``: one short NVE run per periodic task and one molecule (`matris.md`), through the ASE calculator.
+- ``md``: one short NVE run per periodic task and one molecule (`evaluation.md`), through the ASE calculator.
   Each starts from the smallest scored held-out structure of its task with at least ``MIN_MD_ATOMS``
   atoms, with Maxwell-Boltzmann velocities at 300 K (seed 0) and 1 fs steps. A large cell gets fewer
   steps (``md_atom_steps`` atom-steps per run, at least ``MIN_MD_STEPS``) so the evaluation stays within
@@ -21,7 +21,6 @@ Writes ``metrics.json`` with the sha256 of the model it scored and:
   weights cast up: float32 rounding would swamp the difference), with the largest errors.
 - ``plots``: ``parity.png`` and, when ``RUN/train/metrics.jsonl`` lies beside ``out_dir``, ``training.png``.
 
-Reading the shards needs `data_prep` (h5py), imported here only, so `import matris` stays free of it.
 """
 
 from __future__ import annotations
@@ -43,12 +42,13 @@ from ase import Atoms
 from ase.stress import voigt_6_to_full_3x3_stress
 from ase.units import GPa
 
+from data_prep.loader import GraphDataset
+from evaluation.md import describe as describe_md
+from evaluation.md import run_nve
 from matris.batch import collate
 from matris.calculator import MatRISCalculator
 from matris.graph import StructureGraph
 from matris.io import file_sha256, load, write_atomic
-from matris.md import describe as describe_md
-from matris.md import run_nve
 from matris.model import MatRIS
 from matris.properties import predict
 
@@ -97,8 +97,6 @@ def evaluate_model(
     ``md_steps=0`` skips the MD runs and ``fd_structures=0`` the finite-difference check. Everything runs on
     one torch thread (see `one_thread`).
     """
-    from data_prep.loader import GraphDataset
-
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     clock = {"start": time.perf_counter()}
@@ -139,7 +137,7 @@ def evaluate_model(
             metrics["fd_check"] = finite_difference_check(model, small[:fd_structures])
             seconds["fd_check"] = _lap(clock)
     if plots:
-        from matris.plots import parity_plot, training_curves
+        from evaluation.plots import parity_plot, training_curves
 
         training = training_curves(out_dir.parent / "train" / "metrics.jsonl", out_dir / "training.png")
         metrics["plots"] = {
@@ -412,7 +410,9 @@ def evaluated_model(metrics_path: Path) -> str | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m matris.evaluate", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m evaluation.evaluate", description=__doc__.splitlines()[0]
+    )
     parser.add_argument("--model", type=Path, required=True)
     parser.add_argument("--data", type=Path, required=True, help="prepared data folder (manifest.json)")
     parser.add_argument("--out", type=Path, required=True)
@@ -428,7 +428,7 @@ def main(argv: list[str] | None = None) -> int:
             md_steps=args.md_steps, fd_structures=args.fd_structures, plots=not args.no_plots,
         )  # fmt: skip
     except (FileNotFoundError, ValueError) as err:
-        print(f"matris.evaluate: {err}", file=sys.stderr)
+        print(f"evaluation.evaluate: {err}", file=sys.stderr)
         return 1
     print(format_report(metrics))
     print(f"wrote {Path(args.out) / 'metrics.json'} in {metrics['seconds']['total']:.1f} s")

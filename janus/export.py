@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import os
 import subprocess
 import sys
 import warnings
@@ -106,7 +105,7 @@ def export_checkpoint(
     if keep_elements:
         provenance["pruned_from_experts"] = model.config.num_experts
         model = prune_elements(model, keep_elements)
-    _write(model, Path(out_path), provenance)
+    save(model, Path(out_path), provenance)
     if deploy_path is not None:
         from matris.deploy import write_artifact
 
@@ -146,7 +145,7 @@ def export_model(
         info = {**info, "pruned_from": str(model_path)}
         info.setdefault("pruned_from_experts", model.config.num_experts)
         model, source = prune_elements(model, keep_elements), Path(out_path)
-        _write(model, source, info)
+        save(model, source, info)
     if deploy_path is not None:
         from matris.deploy import write_artifact
 
@@ -177,12 +176,6 @@ def exported_from(model_path: Path) -> str | None:
         return metadata(model_path).get("checkpoint")
     except (OSError, ValueError):
         return None
-
-
-def _write(model: MatRIS, out_path: Path, info: dict[str, Any]) -> None:
-    tmp = out_path.with_name(out_path.name + ".tmp")
-    save(model, tmp, metadata=info)
-    os.replace(tmp, out_path)
 
 
 def _find_manifest(checkpoint: Path, data_dir: Path | None) -> Path | None:

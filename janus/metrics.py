@@ -8,11 +8,12 @@ line per step and the loss curve continues where the checkpoint left it.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from matris.io import write_atomic
 
 VALIDATION = "validation"
 
@@ -41,9 +42,7 @@ class MetricsLog:
                     kept.append(line)
             except (json.JSONDecodeError, KeyError):
                 continue
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        tmp.write_text("".join(line + "\n" for line in kept))
-        os.replace(tmp, self.path)
+        write_atomic(self.path, "".join(line + "\n" for line in kept))
 
 
 def read(path: Path) -> list[dict[str, Any]]:

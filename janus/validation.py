@@ -16,7 +16,6 @@ export takes them (`janus.export`).
 
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -99,10 +98,8 @@ class Validator:
     def _keep(self, state: dict[str, torch.Tensor], record: dict[str, Any]) -> None:
         assert self.plain is not None
         self.plain.load_state_dict(state)
-        tmp = self.best_path.with_name(self.best_path.name + ".tmp")
         info = {"step": record["step"], "weights": record["weights"], "val_score": record["score"]}
-        save(self.plain, tmp, metadata=info)
-        os.replace(tmp, self.best_path)
+        save(self.plain, self.best_path, metadata=info)
 
 
 def _full_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

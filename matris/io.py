@@ -16,6 +16,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -36,19 +38,30 @@ DIGEST = "sha256"
 UNVERIFIABLE = {"1": "its checksum covers the tensors but not the config"}
 
 
-def write_atomic(path: Path, data: str | bytes) -> None:
-    """Write ``data`` to ``path`` through a temp file and ``os.replace``: a reader sees the old file or the
-    new one, never a partial one. When the write fails (``ENOSPC``, ``EDQUOT``, ``EIO``) the temp file is
-    removed and the error names ``path``; files written before stay as they are."""
+@contextmanager
+def replacing(path: str | Path) -> Iterator[Path]:
+    """A temporary file beside ``path`` for a writer that needs a path, renamed over ``path`` when the block
+    ends: a reader sees the old file or the new one, never a partial one. When the block fails the temp
+    file is removed, and a failed write (``ENOSPC``, ``EDQUOT``, ``EIO``) raises an error naming ``path``;
+    files written before stay as they are."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     try:
-        tmp.write_bytes(data.encode() if isinstance(data, str) else data)
+        yield tmp
     except OSError as error:
         tmp.unlink(missing_ok=True)
         raise OSError(error.errno, f"cannot write {path}: {error.strerror or error}") from error
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     os.replace(tmp, path)
+
+
+def write_atomic(path: str | Path, data: str | bytes) -> None:
+    """Write ``data`` to ``path`` atomically (`replacing`)."""
+    with replacing(path) as tmp:
+        tmp.write_bytes(data.encode() if isinstance(data, str) else data)
 
 
 def file_sha256(path: Path) -> str:
@@ -70,7 +83,7 @@ def _digest(header: dict[str, str], tensors: dict[str, torch.Tensor]) -> str:
 
 
 def save(model: MatRIS, path: str | Path, metadata: dict[str, Any] | None = None) -> Path:
-    """Write weights, buffers and everything needed to rebuild ``model`` to ``path``."""
+    """Write weights, buffers and everything needed to rebuild ``model`` to ``path``, atomically."""
     path = Path(path)
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     header = {
@@ -83,8 +96,8 @@ def save(model: MatRIS, path: str | Path, metadata: dict[str, Any] | None = None
         "metadata": json.dumps(metadata or {}),
     }
     header[DIGEST] = _digest(header, tensors)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, path, metadata=header)
+    with replacing(path) as tmp:
+        save_file(tensors, tmp, metadata=header)
     return path
 
 

@@ -7,14 +7,13 @@ themselves flagged, so one bad night neither hides nor becomes the norm.
 
 from __future__ import annotations
 
-import os
 import sqlite3
 import statistics
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from matris.io import write_atomic
+from matris.io import replacing, write_atomic
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS rungs (
@@ -215,7 +214,6 @@ def _plot(out_dir: Path, results: list[RungResult], trend: list[dict], run_id: s
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
         fig.tight_layout()
-        tmp = out_dir / (name + ".tmp.png")
-        fig.savefig(tmp, dpi=110)
+        with replacing(out_dir / name) as tmp:
+            fig.savefig(tmp, format="png", dpi=110)
         plt.close(fig)
-        os.replace(tmp, out_dir / name)

@@ -94,6 +94,9 @@ class TrainConfig(Strict):
     eval_max_structures: int = Field(50, ge=1, description="held-out structures per task scored each time")
     keep_checkpoints: int = Field(2, ge=1)
     dtype: Literal["float32", "float64"] = "float32"
+    kernels: Literal["auto", "plain", "compiled", "cpu"] = Field(
+        "auto", description="how the fused ops run (matris.fused.select_kernels)"
+    )
     sleep_per_step_s: float = Field(0.0, ge=0, description="injected delay (scaling-regression tests)")
     peak_tflops: float | None = Field(
         None,

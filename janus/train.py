@@ -33,25 +33,25 @@ from janus import checkpoint, launch
 from janus.batching import Coordinates, RankWork, assign, loss_batch, partition
 from janus.config import JanusConfig, LayoutError, TrainConfig, check_layout
 from janus.ema import EMA
-from janus.expert_parallel import gathered_weights, parallelize_moe, return_gradients
+from janus.expert_parallel import gathered_weights, return_gradients
 from janus.flops import FlopMeter, count_triplets, peak_flops
-from janus.graph_parallel import build_step, install_hooks, predict_sharded
+from janus.graph_parallel import build_step, predict_sharded
 from janus.metrics import MetricsLog, peak_memory_bytes
 from janus.overrides import ConfigError, build, load_yaml
 from janus.parallel import (
     StepContext,
-    apply_fsdp,
     build_mesh,
     clip_grad_norm_,
     reduce_gradients,
     step_phase,
 )
+from janus.parallelize import parallelize
 from janus.validation import Validator, describe
 from matris import MatRIS, ModelConfig, predict
 from matris.batch import collate
 from matris.graph import StructureGraph
 from matris.loss import multitask_loss
-from matris.moe import deferred_experts, materialize_experts
+from matris.moe import deferred_experts
 from matris.properties import parameter_backward
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
@@ -149,18 +149,11 @@ class Trainer:
         )
 
         torch.manual_seed(cfg.train.seed)
-        with deferred_experts():  # each rank allocates only the experts it stores
+        with deferred_experts():  # each rank allocates only the experts it stores (`parallelize`)
             model = MatRIS(self.model_cfg).to(dtype=self.dtype)
-        self.ctx = StepContext()
-        sharded = cfg.parallel.graph > 1 or cfg.parallel.expert > 1
-        if sharded:
-            parallelize_moe(model, self.ctx, m.mesh["expert"] if cfg.parallel.expert > 1 else None)
-        materialize_experts(model)
-        model = model.to(self.device)
         model.set_reference_energies(manifest["reference_energies"])
-        if cfg.parallel.graph > 1:
-            install_hooks(model, self.ctx)
-        self.model = apply_fsdp(model, m)
+        self.ctx = StepContext()
+        self.model = parallelize(model, cfg, m, self.ctx, self.device)
         self.optimizer = torch.optim.AdamW(
             self.model.parameters(), lr=peak_lr(cfg), weight_decay=cfg.train.weight_decay
         )

@@ -41,12 +41,17 @@ CHANNEL_BLOCK, ANGLE_WIDTH = 8, 8  # the kernels take heads of a multiple of 8 c
 
 
 class _State:
-    enabled = (
-        os.environ.get("MATRIS_CPU_KERNELS", "1") != "0"
-        and platform.system() == "Linux"
+    supported = (
+        platform.system() == "Linux"
         and platform.machine() == "x86_64"
         and torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
     )
+    enabled = supported and os.environ.get("MATRIS_CPU_KERNELS", "1") != "0"
+
+
+def enable(on: bool) -> None:
+    """Use the C++ ops where they apply (``on``, and this machine supports them), or not."""
+    _State.enabled = on and _State.supported
 
 
 @functools.cache

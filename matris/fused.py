@@ -81,6 +81,22 @@ class _Compiled:
         return self.kernel(*args)
 
 
+KERNEL_MODES = ("auto", "plain", "compiled", "cpu")
+
+
+def select_kernels(mode: str) -> None:
+    """How the model's fused ops run in this process: ``plain`` torch ops; ``compiled`` kernels;
+    ``cpu``, the C++ ops of `matris.cpu_kernels` where they apply and plain ops elsewhere (no compile
+    time); ``auto``, the C++ ops where they apply and compiled kernels elsewhere, each unless its
+    environment variable (``MATRIS_CPU_KERNELS=0``, ``MATRIS_COMPILE=0``) turns it off."""
+    if mode not in KERNEL_MODES:
+        raise ValueError(f"kernel mode {mode!r}; choose one of {', '.join(KERNEL_MODES)}")
+    compiled = {"plain": False, "compiled": True, "cpu": False}
+    native = {"plain": False, "compiled": False, "cpu": True}
+    _Compiled.enabled = compiled.get(mode, os.environ.get("MATRIS_COMPILE", "1") != "0")
+    cpu_kernels.enable(native.get(mode, os.environ.get("MATRIS_CPU_KERNELS", "1") != "0"))
+
+
 def available() -> bool:
     """Whether the compiled kernels are on: ``MATRIS_COMPILE`` is not 0 and no compile has failed."""
     return _Compiled.enabled

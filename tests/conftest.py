@@ -93,6 +93,17 @@ def plain_ops_in_subprocesses():
 
 
 @pytest.fixture(autouse=True)
+def kernel_choice_restored():
+    """A trainer chooses the kernels for its whole process (`matris.fused.select_kernels`): after a test
+    that ran one in this process, the next starts from this process's own choice again."""
+    from matris import cpu_kernels, fused
+
+    saved = fused._Compiled.enabled, cpu_kernels._State.enabled
+    yield
+    fused._Compiled.enabled, cpu_kernels._State.enabled = saved
+
+
+@pytest.fixture(autouse=True)
 def compiled_ops_where_marked(request, monkeypatch):
     """A test marked ``compiled`` starts its processes with this process's own setting."""
     if request.node.get_closest_marker("compiled") is not None:

@@ -57,17 +57,16 @@ def overfit(folder: Path, loss: dict | None = None) -> tuple[dict, dict]:
 
     from janus.parallel import full_tensor
     from janus.train import Trainer
-    from matris import MatRIS, fused
+    from matris import MatRIS
 
     data = prepare([handful(folder)], folder / "data")
     cfg = JanusConfig.model_validate({
         "model": {"preset": "tiny"},
         "loss": loss or {},
-        "train": {"steps": STEPS, "max_atoms_per_batch": 512, "eval_every": 0},
+        "train": {"steps": STEPS, "max_atoms_per_batch": 512, "eval_every": 0, "kernels": "cpu"},
         "data_dir": str(data),
         "out_dir": str(folder / "train"),
     })  # fmt: skip
-    compiling, fused._Compiled.enabled = fused._Compiled.enabled, False  # plain ops: no compile time
     dist.init_process_group("gloo", init_method=f"file://{folder / 'store'}", rank=0, world_size=1)
     try:
         trainer = Trainer(cfg, launch.DistEnv(0, 1, 0, "127.0.0.1", 0, "test"))
@@ -81,7 +80,6 @@ def overfit(folder: Path, loss: dict | None = None) -> tuple[dict, dict]:
         plain.load_state_dict({k: full_tensor(v) for k, v in trainer.model.state_dict().items()})
     finally:
         dist.destroy_process_group()
-        fused._Compiled.enabled = compiling
     return before, force_scores(plain, graphs, tasks)
 
 

@@ -766,3 +766,24 @@ def test_a_killed_kernel_build_does_not_block_later_builds(tmp_path):
         warnings.simplefilter("error")
         with _sole_builder(tmp_path):
             pass
+
+
+def test_kernel_modes_choose_compiled_and_cpp_ops(monkeypatch):
+    """`select_kernels` (the trainer's ``train.kernels``): each mode sets both choices; ``auto`` follows
+    the environment variables; an unknown mode is refused, naming the choices."""
+    from matris import cpu_kernels, fused
+
+    supported = cpu_kernels._State.supported
+    for mode, compiled, native in [("plain", False, False), ("compiled", True, False), ("cpu", False, True)]:
+        fused.select_kernels(mode)
+        assert (fused.available(), cpu_kernels._State.enabled) == (compiled, native and supported), mode
+    monkeypatch.setenv("MATRIS_COMPILE", "0")
+    monkeypatch.delenv("MATRIS_CPU_KERNELS", raising=False)
+    fused.select_kernels("auto")
+    assert (fused.available(), cpu_kernels._State.enabled) == (False, supported)
+    monkeypatch.setenv("MATRIS_COMPILE", "1")
+    monkeypatch.setenv("MATRIS_CPU_KERNELS", "0")
+    fused.select_kernels("auto")
+    assert (fused.available(), cpu_kernels._State.enabled) == (True, False)
+    with pytest.raises(ValueError, match="auto, plain, compiled, cpu"):
+        fused.select_kernels("fast")

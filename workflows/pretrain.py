@@ -163,7 +163,8 @@ def submit(ctx, paths: RunPaths, salt: int = 0, rerun_from: str | None = None) -
         ctx, train_command(ctx, paths), paths.train, manifest, train_key, run_cfg.launch, attempt["train"]
     )
     exported = stages.export(
-        str(paths.train / "checkpoints"), str(paths.model), key=train_key, attempt=attempt["export"],
+        str(paths.train / "checkpoints"), str(paths.model), str(paths.data), key=train_key,
+        attempt=attempt["export"],
         inputs=[trained.outputs[0]], outputs=[File(str(paths.model))],
     )  # fmt: skip
     evaluated = stages.evaluate(

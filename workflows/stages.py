@@ -73,16 +73,17 @@ def train(
 def export(
     checkpoint_root: str,
     out_path: str,
+    data_dir: str,
     key: str = "",
     attempt: int = 0,
     inputs: tuple = (),
     outputs: tuple = (),
 ) -> dict:
-    """Consolidate the newest sharded checkpoint into one self-contained model file."""
+    """Consolidate the newest sharded checkpoint into one self-contained model file (with the trained
+    elements and the manifest's checksum from ``data_dir``)."""
     from janus.export import export_checkpoint
 
-    data_dir = Path(checkpoint_root).parent.parent / "data"
-    return export_checkpoint(Path(checkpoint_root), Path(out_path), data_dir=data_dir)
+    return export_checkpoint(Path(checkpoint_root), Path(out_path), data_dir=Path(data_dir))
 
 
 @python_app(executors=["stages"], cache=True)
@@ -178,6 +179,3 @@ def eval_complete(eval_dir: Path, model_path: Path) -> bool:
 
     metrics = eval_dir / "metrics.json"
     return metrics.is_file() and model_path.is_file() and evaluated_model(metrics) == file_sha256(model_path)
-
-
-

@@ -293,7 +293,7 @@ def test_an_older_model_file_is_refused_with_the_re_export_command(model_file, t
     old = tmp_path / "old.safetensors"
     save_file(tensors, old, metadata={**header, "version": "1"})
     with pytest.raises(
-        ValueError, match=rf"{re.escape(str(old))} was written by an older version.*python -m matris\.export"
+        ValueError, match=rf"{re.escape(str(old))} was written by an older version.*python -m janus\.export"
     ):
         matris.load(old)
 

@@ -89,8 +89,10 @@ def metrics_steps(run_dir: Path) -> list[int]:
     return [r["step"] for r in training_records(read(run_dir / "train" / "metrics.jsonl"))]
 
 
-def test_pretrain_trains_on_two_slurm_nodes(slurm_cluster: None, tmp_path: Path):
+def test_pretrain_trains_on_two_slurm_nodes(slurm_cluster: None, finished_run, tmp_path: Path):
     run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    shutil.copytree(finished_run[0] / "data", run_dir / "data")  # prepared already: the chunks are reused
     # SMALL_RUN, cut to 6 steps: this test is about where the ranks run, and keeps under ~3 minutes.
     result = parsl_run("workflows/pretrain.py", "--site", "local-slurm", "--run-dir", str(run_dir),
                        *SMALL_RUN, *TWO_NODES, "--set", "train.steps=6", "--set", "train.checkpoint_every=3",
@@ -114,10 +116,12 @@ def test_pretrain_trains_on_two_slurm_nodes(slurm_cluster: None, tmp_path: Path)
     assert stage_job["NNodes"] == "1"
 
 
-def test_rank_killed_mid_training_is_retried_and_resumes(slurm_cluster: None, tmp_path: Path):
+def test_rank_killed_mid_training_is_retried_and_resumes(slurm_cluster: None, finished_run, tmp_path: Path):
     """A rank dies as if its node failed: srun exits non-zero, Parsl retries the task in the same block
     (site retries=1), and janus.train resumes from its newest checkpoint."""
     run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    shutil.copytree(finished_run[0] / "data", run_dir / "data")
     args = ["workflows/pretrain.py", "--site", "local-slurm", "--run-dir", str(run_dir), *SMALL_RUN,
             *TWO_NODES, "--set", "train.steps=16", "--set", "train.sleep_per_step_s=0.5"]  # fmt: skip
     exe = Path(sys.executable).parent / "parsl-run"

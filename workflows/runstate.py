@@ -155,6 +155,7 @@ class RunReader:
         self._chunks = ChunkCounter(self.paths.data)
         self._train_config: dict[str, Any] | None = None
         self._data: ChunkProgress | None = None
+        self._data_running = False
 
     def read(self) -> RunState:
         summary = _read_json(self.paths.summary) or {}
@@ -172,8 +173,10 @@ class RunReader:
             stages.append(stage)
         self.metrics.poll()
         train = self._train()
-        if self._data is None or any(s.name == "data" and s.status == "running" for s in stages):
-            self._data = self._chunks.progress()
+        data_running = any(s.name == "data" and s.status == "running" for s in stages)
+        if self._data is None or data_running or self._data_running:
+            self._data = self._chunks.progress()  # once more after the stage ends: its last chunks
+        self._data_running = data_running
         return RunState(
             stages=stages, state=state, site=summary.get("site"), data=self._data,
             training=self.metrics.training(train.get("steps"), train.get("time_budget_s")),

@@ -63,7 +63,7 @@ class ParallelConfig(Strict):
 
 
 class TrainConfig(Strict):
-    steps: int = Field(500, ge=1)
+    steps: int = Field(600, ge=1)
     seed: int = 0
     lr: float = Field(4e-3, gt=0, description="peak learning rate at the reference batch size")
     lr_reference_atoms: int = Field(

@@ -23,7 +23,6 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import functools
-import os
 import platform
 import warnings
 from collections.abc import Iterator
@@ -46,7 +45,7 @@ class _State:
         and platform.machine() == "x86_64"
         and torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
     )
-    enabled = supported and os.environ.get("MATRIS_CPU_KERNELS", "1") != "0"
+    enabled = False  # set by `enable` (`matris.fused.select_kernels`, "auto" at import)
 
 
 def enable(on: bool) -> None:

@@ -35,7 +35,7 @@ Kernel = Callable[..., torch.Tensor | tuple[torch.Tensor, ...]]
 class _Compiled:
     """``kernel`` compiled on first call, or run eagerly if compiling is off or has failed."""
 
-    enabled = os.environ.get("MATRIS_COMPILE", "1") != "0"
+    enabled = False  # set by `select_kernels` ("auto" at import)
 
     def __init__(self, kernel: Kernel, rows_only: bool = False):
         self.kernel, self.rows_only = kernel, rows_only
@@ -259,3 +259,6 @@ def line_attention_weights(
     derivative levels) took 13 % less time compiled and 10 % less with plain ops."""
     plain, op = _line_weights(cap)
     return op(qk, qa, envelope, angle) if fused and available() else plain(qk, qa, envelope, angle)
+
+
+select_kernels("auto")
